@@ -1,3 +1,29 @@
-"""kpt: keypoint-conditioned vision transformers (KP-RPE) with domain plugins."""
+"""kpt: keypoint-conditioned vision transformers (KP-RPE) with domain plugins.
+
+Public API (DESIGN §4)::
+
+    kpt.create_model(name, **kw) -> nn.Module      kpt.list_models(pattern="*") -> list[str]
+    kpt.create(kind, name, **kw)                   kpt.list(kind=None) -> dict[str, list[str]]
+    kpt.load_model(path) -> nn.Module
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kpt.registry import create, create_model, list, list_models
 
 __version__ = "0.1.0"
+__all__ = ["__version__", "create", "create_model", "list", "list_models", "load_model"]
+
+
+def load_model(path: str, map_location: str = "cpu") -> Any:
+    """Load a model from a kpt checkpoint or weights file; the architecture is read from the file.
+
+    Engine checkpoints and weights of plugin runs (``last.pt``, ``best.pt``, ``weights.safetensors``)
+    are rebuilt through their plugin; bare-model files go to ``kpt.models.serialization.load_model``.
+    Files are read with ``weights_only=True`` / safetensors (never arbitrary pickles).
+    """
+    from kpt.engine.checkpoint import load_model as _load
+
+    return _load(path, map_location=map_location)

@@ -1,0 +1,352 @@
+"""Typed configuration: plugin YAML defaults, then ``--config FILE``, then dotted ``key=value`` overrides.
+
+The type of every key is the type of its default. Later values are cast to it, so ``train.lr=1e-3`` is a
+float even though PyYAML's YAML 1.1 resolver reads ``1e-3`` as a string (we parse YAML with a YAML 1.2-style
+float/bool resolver and still never trust the parsed type). A key that is not in the defaults is an error
+with a "did you mean"; a section whose default is an empty mapping is open and accepts any key.
+
+The engine owns the ``train`` section: :data:`ENGINE_DEFAULTS` supplies every key a plugin leaves out.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from kpt.registry import did_you_mean
+
+if TYPE_CHECKING:
+    from kpt.plugin import Plugin
+
+#: Keys the engine reads. ``train.batch_size`` is the global batch (split over DDP ranks).
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "data": {"name": "", "root": ""},
+    "eval": {"test": []},
+    "train": {
+        "epochs": 1,               # passes over the training set
+        "max_steps": 0,            # stop after this many optimizer steps (0: epochs decide)
+        "batch_size": 32,          # global batch over all processes
+        "lr": 1e-3,
+        "weight_decay": 0.05,      # not applied to norms, biases and position tables
+        "optimizer": "adamw",      # any timm optimizer name
+        "momentum": 0.9,
+        "sched": "cosine",         # any timm scheduler name ("cosine", "step", "multistep", "none")
+        "warmup_epochs": 0.0,      # may be fractional; the schedule is updated every step
+        "warmup_lr": 1e-6,
+        "min_lr": 1e-6,
+        "decay_epochs": 0.0,       # step/multistep schedules (0: a third of the run)
+        "clip_grad": 0.0,          # max gradient norm (0: off)
+        "amp": "none",             # none | bf16 | fp16
+        "seed": 0,
+        "deterministic": False,
+        "eval_every": 0,           # steps between evaluations (0: at the end of every epoch)
+        "save_every": 0,           # steps between last.pt saves (0: at evaluations and epoch ends)
+        "log_every": 50,           # steps between log lines / metrics.jsonl records
+        "num_workers": 0,
+        "device": "auto",          # auto | cpu | cuda | cuda:1 ...
+        "no_decay": ["pos_embed", "cls_token", "rpe", "relative_position"],  # name fragments
+    },
+}
+
+
+class ConfigError(ValueError):
+    """Unknown key or a value that cannot be cast to the declared type."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats (``1e-3``) and booleans (only true/false)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers
+         if tag not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$"
+               r"|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:
+    text = loader.construct_scalar(node).lower().replace(".inf", "inf").replace(".nan", "nan")
+    return float(text)
+
+
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+def parse_yaml(text: str, what: str = "<string>") -> Any:
+    """Parse YAML text with the YAML 1.2 float/bool rules; errors name ``what``."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what}: invalid YAML: {exc}") from exc
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping from ``path`` (errors name the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = parse_yaml(path.read_text(), str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def cast_value(value: Any, default: Any, key: str, source: str) -> Any:
+    """Cast ``value`` to the type of ``default`` (``None`` default: any type, strings parsed as YAML)."""
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key}={value!r}: expected {expected}")
+
+    if default is None:
+        return parse_yaml(value, source) if isinstance(value, str) else value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise fail("a boolean (true/false)")
+    if isinstance(default, int):
+        if isinstance(value, bool):
+            raise fail("an integer")
+        if isinstance(value, str):
+            try:
+                value = float(value) if re.search(r"[.eE]", value) else int(value)
+            except ValueError:
+                raise fail("an integer") from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        raise fail("an integer")
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise fail("a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise fail("a number") from None
+    if isinstance(default, str):
+        if isinstance(value, (Mapping, list, tuple)):
+            raise fail("a string")
+        return str(value)
+    if isinstance(default, (list, tuple)):
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = parse_yaml(text, source)
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise fail("a list")
+        if default:
+            value = [cast_value(v, default[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return type(default)(value)
+    return value
+
+
+class Config(MutableMapping):
+    """Nested typed mapping with attribute access (``cfg.train.lr``).
+
+    Setting an existing key casts the value to the declared type; setting an unknown key raises
+    :class:`ConfigError` with a suggestion, unless the section is open (its default was ``{}``).
+    """
+
+    def __init__(self, data: Mapping | None = None, path: str = "", open_: bool | None = None) -> None:
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_data", {})
+        object.__setattr__(self, "_open", (not data) if open_ is None else open_)
+        for key, value in (data or {}).items():
+            self._data[str(key)] = self._wrap(str(key), value)
+
+    def _wrap(self, key: str, value: Any) -> Any:
+        if isinstance(value, Config):
+            value = value.to_dict()
+        if isinstance(value, Mapping):
+            return Config(value, f"{self._path}{key}.")
+        return copy.deepcopy(value)
+
+    # -- mapping protocol ---------------------------------------------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        if "." in key:
+            head, _, rest = key.partition(".")
+            return self[head][rest]
+        if key not in self._data:
+            raise KeyError(self._unknown(key))
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.set(key, value, source="code")
+
+    def __delitem__(self, key: str) -> None:
+        del self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("__"):
+            raise AttributeError(key)
+        try:
+            return self._data[key]
+        except KeyError:
+            raise AttributeError(self._unknown(key)) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self.set(key, value, source="code")
+
+    def __deepcopy__(self, memo: dict) -> Config:
+        return Config(self.to_dict(), self._path, self._open)
+
+    def __repr__(self) -> str:
+        return f"Config({self.to_dict()!r})"
+
+    def _unknown(self, key: str) -> str:
+        return (f"unknown config key {self._path}{key!r}.{did_you_mean(key, self._data)} "
+                f"Known keys in {self._path.rstrip('.') or 'the top level'}: "
+                f"{', '.join(sorted(self._data)) or 'none'}")
+
+    # -- typed updates ------------------------------------------------------------------------------
+    def set(self, key: str, value: Any, source: str = "code", strict: bool = True) -> None:
+        """Set ``key`` (dotted allowed) to ``value`` cast to the declared type.
+
+        Args:
+            key: ``"train.lr"`` or a key of this section.
+            value: the new value; strings are parsed/cast (command-line values arrive as strings).
+            source: named in error messages (a file, ``"command line"``).
+            strict: unknown keys raise (False: they are added, used for plugin defaults).
+        """
+        head, dot, rest = key.partition(".")
+        if head not in self._data:
+            if strict and not self._open:
+                raise ConfigError(f"{source}: {self._unknown(head)}")
+            self._data[head] = Config({}, f"{self._path}{head}.", open_=True) if dot else None
+            if not dot:  # undeclared: no type to cast to, so strings are read as YAML
+                self._data[head] = self._wrap(head, cast_value(value, None, key, source))
+                return
+        current = self._data[head]
+        if dot:
+            if not isinstance(current, Config):
+                raise ConfigError(f"{source}: {self._path}{head} is a value, not a section")
+            current.set(rest, value, source, strict)
+        elif isinstance(current, Config):
+            if isinstance(value, str):
+                value = parse_yaml(value, source)
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: {self._path}{head} is a section; expected a mapping")
+            current.update_from(value, source, strict)
+        else:
+            self._data[head] = cast_value(value, current, f"{self._path}{head}", source)
+
+    def update_from(self, values: Mapping, source: str, strict: bool = True) -> Config:
+        """Merge a nested mapping into this config (in place); returns self."""
+        for key, value in values.items():
+            if isinstance(value, Mapping) and isinstance(self._data.get(str(key)), Config):
+                self._data[str(key)].update_from(value, source, strict)
+            else:
+                self.set(str(key), value, source, strict)
+        return self
+
+    def override(self, assignments: Iterable[str], source: str = "command line") -> Config:
+        """Apply ``["train.lr=1e-3", "model.depth=2"]`` (in place); returns self."""
+        for item in assignments:
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ConfigError(f"{source}: {item!r}: overrides look like section.key=value")
+            self.set(key.strip(), value.strip(), source)
+        return self
+
+    # -- export -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain nested dict (deep copy)."""
+        return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v)
+                for k, v in self._data.items()}
+
+    def to_yaml(self) -> str:
+        """YAML text that reads back to the same config."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 0.001, ...}``."""
+        out: dict[str, Any] = {}
+        for k, v in self._data.items():
+            if isinstance(v, Config):
+                out.update({f"{k}.{kk}": vv for kk, vv in v.flat().items()})
+            else:
+                out[k] = v
+        return out
+
+
+def plugin_defaults(plugin: Plugin) -> dict:
+    """The plugin's default config as a dict (a relative YAML path is read next to its module)."""
+    from kpt.plugin import plugin_module_dir
+
+    if isinstance(plugin.default_config, Mapping):
+        return copy.deepcopy(dict(plugin.default_config))
+    path = Path(plugin.default_config)
+    if not path.is_absolute():
+        path = plugin_module_dir(plugin) / path
+    return load_yaml(path)
+
+
+def build_config(plugin: Plugin, config_files: Iterable[str | Path] = (),
+                 overrides: Iterable[str] = (), data: str | None = None,
+                 test: Iterable[str] | None = None, data_root: str | None = None,
+                 base: Mapping | None = None) -> Config:
+    """Engine defaults < plugin defaults < ``base`` (a saved run) < files < --data/--test < overrides.
+
+    Args:
+        plugin: the domain plugin.
+        config_files: YAML files (``--config``), strict.
+        overrides: dotted ``key=value`` strings, strict.
+        data: ``--data``: a dataset name (``data.name``) or an existing path (``data.root``).
+        test: ``--test`` names (``eval.test``).
+        data_root: ``--data-root`` (``data.root``).
+        base: a previously saved config (resume), strict.
+    """
+    cfg = Config(ENGINE_DEFAULTS)
+    cfg.update_from(plugin_defaults(plugin), f"default config of plugin {plugin.name!r}", strict=False)
+    if base:
+        cfg.update_from(base, "saved run config")
+    for path in config_files:
+        cfg.update_from(load_yaml(path), str(path))
+    known = tuple(plugin.datasets)
+    if data is not None:
+        if Path(data).exists() or "/" in data or "\\" in data:
+            cfg.set("data.root", data, "--data")
+        else:
+            if known and data not in known:
+                raise ConfigError(f"--data {data!r}: plugin {plugin.name!r} knows no such dataset."
+                                  f"{did_you_mean(data, known)} Datasets: {', '.join(known)}")
+            cfg.set("data.name", data, "--data")
+    if test is not None:
+        test = [str(t) for t in test]
+        for name in test:
+            if known and name not in known:
+                raise ConfigError(f"--test {name!r}: plugin {plugin.name!r} knows no such dataset."
+                                  f"{did_you_mean(name, known)} Datasets: {', '.join(known)}")
+        cfg.set("eval.test", test, "--test")
+    if data_root is not None:
+        cfg.set("data.root", data_root, "--data-root")
+    cfg.override(overrides)
+    return cfg
