@@ -34,8 +34,9 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: IO[bytes], allowed: set[tuple[str, str]], what: str) -> None:
-        super().__init__(file)
+    def __init__(self, file: IO[bytes], allowed: set[tuple[str, str]], what: str,
+                 encoding: str = "ASCII") -> None:
+        super().__init__(file, encoding=encoding)
         self._allowed = allowed
         self._what = what
 
@@ -48,13 +49,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def restricted_load(fileobj_or_bytes: IO[bytes] | bytes | bytearray | memoryview,
-                    allowed: Iterable[tuple[str, str]] = (), what: str = "pickle") -> object:
+                    allowed: Iterable[tuple[str, str]] = (), what: str = "pickle",
+                    encoding: str = "ASCII") -> object:
     """Unpickle allowing only the ``(module, name)`` globals in ``allowed``.
 
     Args:
         fileobj_or_bytes: an open binary file or the pickle bytes.
         allowed: permitted globals, e.g. ``NUMPY_ARRAY_GLOBALS`` for files of numpy arrays.
         what: the file name (or description) used in error messages.
+        encoding: how Python 2 ``str`` objects are decoded (``pickle.Unpickler``'s argument;
+            ``"bytes"`` keeps them as bytes, as insightface's ``.bin`` loader retries with).
 
     Returns:
         The unpickled object.
@@ -68,7 +72,7 @@ def restricted_load(fileobj_or_bytes: IO[bytes] | bytes | bytearray | memoryview
     else:
         fileobj = fileobj_or_bytes
     try:
-        return _RestrictedUnpickler(fileobj, set(allowed), what).load()
+        return _RestrictedUnpickler(fileobj, set(allowed), what, encoding).load()
     except UnsafePickleError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
