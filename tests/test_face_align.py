@@ -30,8 +30,9 @@ def _similarity(scale: float, angle: float, tx: float, ty: float) -> torch.Tenso
 
 def test_template_onto_itself_is_identity():
     m = umeyama_similarity(T112, T112)
-    assert torch.allclose(m, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]], dtype=torch.float64),
-                          atol=1e-10)
+    assert torch.allclose(
+        m, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]], dtype=torch.float64), atol=1e-10
+    )
 
 
 def test_recovers_a_known_similarity_batched():

