@@ -196,3 +196,12 @@ def test_bf16_autocast_gives_bf16_biases():
         biases = rpe(kp)
     assert biases[0].dtype == torch.bfloat16
     assert torch.allclose(biases[0].float(), rpe(kp)[0], atol=0.1, rtol=0.02)
+
+
+def test_iter_biases_is_lazy_and_equals_forward():
+    rpe = randomise(KeypointRPE(3, 2, 3, 4, window_size=2, shift_sizes=[0, 1, 0]))
+    kp = torch.rand(2, 3, 2)
+    lazy = rpe.iter_biases(kp)
+    first = next(lazy)
+    assert torch.equal(first, rpe(kp)[0])
+    assert all(torch.equal(a, b) for a, b in zip(lazy, rpe(kp)[1:]))

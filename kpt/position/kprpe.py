@@ -32,7 +32,7 @@ Layer tables are produced lazily (:meth:`KeypointRPE.layer_bias`), so a model ca
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -211,6 +211,25 @@ class KeypointRPE(nn.Module):
             return None
         return (self.shift_sizes[layer],)
 
+    def iter_biases(self, keypoints: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Yield the layer biases one by one (same values as :meth:`forward`).
+
+        Memory-friendly: the linear runs once, and each (B, H, N, N) bias is only built when the
+        consumer asks for it, so a backbone looping ``zip(blocks, rpe.iter_biases(kp))`` holds
+        one bias at a time instead of ``depth`` of them (the gather keeps no copy for backward).
+        """
+        tables = self.tables(keypoints)
+        done: dict[tuple, torch.Tensor] = {}
+        for layer in range(self.depth):
+            key = self._reuse_key(layer)
+            if key is not None and key in done:
+                yield done[key]
+                continue
+            bias = self.layer_bias(tables, layer)
+            if key is not None:
+                done[key] = bias
+            yield bias
+
     def forward(self, keypoints: torch.Tensor) -> list[torch.Tensor]:
         """Biases for every layer.
 
@@ -222,19 +241,7 @@ class KeypointRPE(nn.Module):
             ``depth`` tensors: (B, H_l, N, N) (global) or (B·nW, H_l, wh·ww, wh·ww) (windowed).
             Shared variants return the same tensor object for layers that share a table.
         """
-        tables = self.tables(keypoints)
-        out: list[torch.Tensor] = []
-        done: dict[tuple, torch.Tensor] = {}
-        for layer in range(self.depth):
-            key = self._reuse_key(layer)
-            if key is not None and key in done:
-                out.append(done[key])
-                continue
-            bias = self.layer_bias(tables, layer)
-            if key is not None:
-                done[key] = bias
-            out.append(bias)
-        return out
+        return list(self.iter_biases(keypoints))
 
     @property
     def num_windows(self) -> int:
