@@ -222,7 +222,7 @@ class Config(MutableMapping):
         return f"Config({self.to_dict()!r})"
 
     def _unknown(self, key: str) -> str:
-        return (f"unknown config key {self._path}{key!r}.{did_you_mean(key, self._data)} "
+        return (f"unknown config key '{self._path}{key}'.{did_you_mean(key, self._data)} "
                 f"Known keys in {self._path.rstrip('.') or 'the top level'}: "
                 f"{', '.join(sorted(self._data)) or 'none'}")
 

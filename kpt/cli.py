@@ -1,0 +1,337 @@
+"""The ``kpt`` command line (DESIGN §6). ``kpt --help`` lists the commands with worked examples."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  kpt plugins                                    list installed domain plugins
+  kpt plugins check mnist                        tiny CPU dry run of a plugin's contract
+  kpt train mnist --test affnist                 train MNIST, test on affNIST
+  kpt train mnist train.lr=5e-4 model.depth=4    dotted overrides, cast to the declared types
+  kpt train face --config my.yaml --print-config show the merged config and exit
+  kpt train mnist --resume auto                  continue the newest run of the domain exactly
+  torchrun --nproc-per-node 4 -m kpt train face  DDP on 4 GPUs (train.batch_size is global)
+  kpt eval mnist runs/mnist/20250101-120000/best.pt --test affnist
+  kpt data get mnist                             obtain a dataset (plugin command)
+  kpt predict face photo.jpg --checkpoint best.pt
+  kpt convert cvlface SRC DST                    convert official CVLface weights
+  kpt new-plugin xray                            scaffold a pip-installable plugin package
+"""
+
+TRAIN_EXAMPLES = """\
+examples:
+  kpt train mnist                                defaults of the plugin
+  kpt train mnist --test affnist train.epochs=3  choose test sets, override keys
+  kpt train face --data /data/ms1mv2 --test lfw cfp_fp
+  kpt train gait --config gait3d.yaml train.amp=bf16 --out runs/gait/swin
+  kpt train mnist --resume auto                  continue the newest runs/mnist/* run
+  kpt train mnist --print-config                 show the merged config and exit
+
+Config precedence: engine defaults < plugin defaults < --config files < --data/--test < key=value.
+Unknown keys are errors. The run folder (--out, default runs/DOMAIN/<timestamp>) receives config.yaml,
+metrics.jsonl, summary.json, last.pt, best.pt and weights.safetensors.
+"""
+
+logger = logging.getLogger(__name__)
+_SUBPARSERS: dict[str, argparse.ArgumentParser] = {}
+
+
+class CliError(Exception):
+    """A user error: printed as ``kpt: error: ...`` with exit code 2."""
+
+
+def _split_overrides(args: argparse.Namespace) -> None:
+    """Move ``key=value`` items swallowed by ``--test``/``--config`` (nargs='+') to the overrides."""
+    for attr in ("test", "config"):
+        values = getattr(args, attr, None)
+        if values:
+            keep = [v for v in values if "=" not in v]
+            args.overrides = [v for v in values if "=" in v] + list(args.overrides)
+            setattr(args, attr, keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kpt", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Keypoint-conditioned vision transformers (KP-RPE) for any domain plugin.")
+    parser.add_argument("--version", action="store_true", help="print versions and exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a domain", epilog=TRAIN_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("domain", help="plugin name (see `kpt plugins`)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--data", help="training dataset name, or a path (sets data.root)")
+    p.add_argument("--test", nargs="+", metavar="NAME", help="evaluation sets (eval.test)")
+    p.add_argument("--data-root", help="data root folder (data.root)")
+    p.add_argument("--config", nargs="+", default=[], metavar="FILE", help="YAML config file(s)")
+    p.add_argument("--out", help="run folder (default runs/DOMAIN/<timestamp>)")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue a run from last.pt")
+    p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint",
+                       description="kpt eval DOMAIN CHECKPOINT [--test NAME ...] [key=value ...] "
+                                   "(or the plugin's own eval command)")
+    p.add_argument("domain")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="checkpoint, --test, overrides")
+
+    p = sub.add_parser("predict", help="run a trained model on inputs (plugin command)")
+    p.add_argument("domain")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="passed to the plugin")
+
+    p = sub.add_parser("data", help="get | prepare | validate a dataset (plugin commands)")
+    p.add_argument("action", choices=["get", "prepare", "validate"])
+    p.add_argument("domain")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="passed to the plugin")
+
+    p = sub.add_parser("plugins", help="list plugins; `kpt plugins check NAME` dry-runs one")
+    p.add_argument("args", nargs="*", metavar="check NAME [key=value ...]")
+    p.add_argument("--json", action="store_true", help="machine-readable listing")
+
+    p = sub.add_parser("convert", help="convert official weights to kpt")
+    p.add_argument("source_format", choices=["cvlface"])
+    p.add_argument("src")
+    p.add_argument("dst")
+
+    p = sub.add_parser("new-plugin", help="scaffold a third-party plugin package")
+    p.add_argument("name", help="domain name: lowercase letters, digits, '_'")
+    p.add_argument("--out", default=".", help="parent folder of the new package folder")
+    _SUBPARSERS.update(sub.choices)
+    return parser
+
+
+# -- commands ------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from kpt.config import build_config
+    from kpt.engine.checkpoint import find_resume_checkpoint, load_checkpoint
+    from kpt.engine.progress import configure_logging
+    from kpt.engine.trainer import train
+    from kpt.plugin import load_plugin
+
+    _split_overrides(args)
+    plugin = load_plugin(args.domain)
+    out = Path(args.out) if args.out else None
+    resume = None
+    base = None
+    if args.resume:
+        resume = find_resume_checkpoint(args.resume, out, Path("runs") / args.domain)
+        if resume is None:
+            print(f"kpt: nothing to resume for {args.domain}; starting a new run", file=sys.stderr)
+        else:
+            base = load_checkpoint(resume)["config"]
+            out = out or resume.parent
+    cfg = build_config(plugin, args.config, args.overrides, args.data, args.test, args.data_root,
+                       base=base)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    configure_logging(args.debug, rank=int(os.environ.get("RANK", "0")))
+    train(plugin, cfg, out, resume)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kpt.plugin import load_plugin
+
+    plugin = load_plugin(args.domain)
+    if "eval" in plugin.commands:
+        return int(plugin.commands["eval"](list(args.rest)))
+    parser = argparse.ArgumentParser(prog=f"kpt eval {args.domain}")
+    parser.add_argument("checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--test", nargs="+")
+    parser.add_argument("--data-root")
+    parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    ns = parser.parse_args(args.rest)
+    ns.config = []
+    _split_overrides(ns)
+    return _evaluate_checkpoint(plugin, ns)
+
+
+def _evaluate_checkpoint(plugin: object, ns: argparse.Namespace) -> int:
+    import torch
+
+    from kpt.config import build_config
+    from kpt.engine.checkpoint import check_compatible, load_checkpoint
+    from kpt.engine.distributed import init_distributed
+    from kpt.engine.progress import configure_logging, metric_table
+    from kpt.engine.trainer import evaluate_model
+
+    configure_logging()
+    ckpt = load_checkpoint(ns.checkpoint)
+    if ckpt.get("plugin") != plugin.name:
+        raise CliError(f"{ns.checkpoint} was written by plugin {ckpt.get('plugin')!r}, not "
+                       f"{plugin.name!r}")
+    cfg = build_config(plugin, overrides=ns.overrides, test=ns.test, data_root=ns.data_root,
+                       base=ckpt["config"])
+    _, device = init_distributed(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    data = plugin.build_data(cfg)
+    model = plugin.build_model(cfg, ckpt["info"])
+    check_compatible(ckpt, ns.checkpoint, plugin.name, model)
+    model.load_state_dict(ckpt["model"])
+    metrics = evaluate_model(plugin, model.to(device), data, cfg, device)
+    print(metric_table(metrics, f"{plugin.name}: {ns.checkpoint} (step {ckpt.get('step')})"))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def _dispatch(domain: str, command: str, rest: Sequence[str]) -> int:
+    from kpt.plugin import load_plugin
+
+    plugin = load_plugin(domain)
+    fn = plugin.commands.get(command)
+    if fn is None:
+        have = ", ".join(f"`kpt {c.split()[0]} {c.split()[1]} {domain}`" if " " in c else
+                         f"`kpt {c} {domain}`" for c in plugin.commands) or "none"
+        raise CliError(f"plugin {domain!r} has no `{command}` command (it offers: {have})")
+    return int(fn(list(rest)) or 0)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from kpt import registry
+    from kpt.plugin import list_plugins
+
+    if args.args:
+        if args.args[0] != "check" or len(args.args) < 2:
+            raise CliError("usage: kpt plugins [--json] | kpt plugins check NAME [key=value ...]")
+        return _check(args.args[1], args.args[2:])
+    entries = list_plugins(load=True)
+    registry.load_builtin_components()
+    registry.load_plugin_components()
+    if args.json:
+        print(json.dumps([{"name": e.name, "status": e.status, "builtin": e.builtin,
+                           "package": e.package, "object": e.target, "error": e.error,
+                           "description": e.plugin.description if e.plugin else "",
+                           "datasets": list(e.plugin.datasets) if e.plugin else []}
+                          for e in entries], indent=2))
+        return 0
+    width = max([len(e.name) for e in entries] + [4])
+    print(f"{'name':<{width}}  {'status':<8}  {'source':<24}  description")
+    for e in entries:
+        source = "built-in" if e.builtin else e.package
+        text = e.plugin.description if e.plugin else e.error
+        if e.plugin and e.plugin.datasets:
+            text += f" [datasets: {', '.join(e.plugin.datasets)}]"
+        print(f"{e.name:<{width}}  {e.status:<8}  {source:<24}  {text}")
+    for line in registry.CONFLICTS:
+        print(f"conflict: {line}")
+    return 0
+
+
+def _check(name: str, overrides: Sequence[str]) -> int:
+    from kpt.engine.check import check_plugin
+
+    def report(r: object) -> None:
+        print(f"  [{'ok' if r.ok else 'FAIL'}] {r.what}: {r.detail}", flush=True)
+
+    print(f"kpt plugins check {name}")
+    results = check_plugin(name, overrides, report=report)
+    ok = bool(results) and all(r.ok for r in results)
+    print("PASSED" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        from kpt.convert import convert_cvlface
+    except ImportError as exc:
+        raise CliError(f"kpt convert cvlface needs kpt.convert.convert_cvlface, which is not "
+                       f"available in this install ({exc})") from exc
+    result = convert_cvlface(args.src, args.dst)
+    print(f"converted {args.src} -> {result if result is not None else args.dst}")
+    return 0
+
+
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from kpt.templates import write_plugin_package
+
+    folder = write_plugin_package(args.name, Path(args.out))
+    print(f"wrote {folder}\nnext:\n  pip install -e {folder}\n  kpt plugins check {args.name}\n"
+          f"  kpt train {args.name}")
+    return 0
+
+
+def _versions() -> str:
+    import platform
+
+    import timm
+    import torch
+
+    from kpt import __version__
+
+    return (f"kpt {__version__}, torch {torch.__version__}, timm {timm.__version__}, "
+            f"python {platform.python_version()}")
+
+
+def _domain_help(argv: list[str]) -> int | None:
+    """``kpt train DOMAIN --help``: the generic help plus the plugin's datasets and defaults."""
+    if len(argv) < 3 or argv[0] != "train" or argv[1].startswith("-") or not (
+            {"-h", "--help"} & set(argv)):
+        return None
+    from kpt.config import build_config
+    from kpt.plugin import load_plugin
+
+    _SUBPARSERS.clear()
+    build_parser()
+    _SUBPARSERS["train"].print_help()
+    plugin = load_plugin(argv[1])
+    print(f"\nplugin {plugin.name}: {plugin.description}")
+    print(f"datasets: {', '.join(plugin.datasets) or 'none declared'}")
+    print("default config:\n" + "\n".join("  " + line
+                                          for line in build_config(plugin).to_yaml().splitlines()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kpt`` console script; returns the exit code."""
+    from kpt.config import ConfigError
+    from kpt.engine.checkpoint import CheckpointError
+    from kpt.plugin import PluginError
+    from kpt.registry import RegistryError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if not debug:
+        logging.getLogger("kpt").setLevel(logging.ERROR)  # discovery warnings are shown as listings
+    try:
+        code = _domain_help(argv)
+        if code is not None:
+            return code
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # argparse cannot interleave positionals with options: collect key=value here
+            unknown = [e for e in extra if "=" not in e or e.startswith("-")]
+            if unknown or args.command != "train":
+                parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+            args.overrides = list(args.overrides) + extra
+        if args.version:
+            print(_versions())
+            return 0
+        handlers = {"train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins,
+                    "convert": cmd_convert, "new-plugin": cmd_new_plugin,
+                    "predict": lambda a: _dispatch(a.domain, "predict", a.rest),
+                    "data": lambda a: _dispatch(a.domain, f"data {a.action}", a.rest)}
+        if args.command is None:
+            build_parser().print_help()
+            return 0
+        return handlers[args.command](args)
+    except (CliError, ConfigError, PluginError, CheckpointError, RegistryError, FileNotFoundError,
+            FileExistsError) as exc:
+        if debug:
+            raise
+        print(f"kpt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kpt: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,100 @@
+"""torchrun / DDP support. A single process never starts a process group.
+
+``torchrun --nproc-per-node N -m kpt train ...`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; then
+:func:`init_distributed` starts the group (NCCL on CUDA, gloo on CPU). Everything else here works the same
+with and without a group, so the trainer calls these helpers unconditionally.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands. ``world_size == 1`` means no process group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Start the process group when launched by torchrun with more than one process.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; under DDP on CUDA each process takes
+            ``cuda:LOCAL_RANK``.
+
+    Returns:
+        ``(DistInfo, torch.device)`` for this process.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={device!r} but CUDA is not available; use train.device=cpu")
+    if world > 1:
+        if use_cuda:
+            torch.cuda.set_device(local)
+            dev = torch.device("cuda", local)
+        else:
+            dev = torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        return DistInfo(rank, world, local), dev
+    if use_cuda:
+        dev = torch.device(device if device.startswith("cuda") else "cuda")
+    else:
+        dev = torch.device("cpu")
+    return DistInfo(), dev
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Mean of each scalar over ranks (identity for one process). Keys must match over ranks."""
+    if not info.enabled or not values:
+        return dict(values)
+    keys = sorted(values)
+    backend_cuda = dist.get_backend() == "nccl"
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device="cuda" if backend_cuda else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t /= info.world_size
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
+    """Send a picklable object from ``src`` to every rank (identity for one process)."""
+    if not info.enabled:
+        return obj
+    box = [obj if info.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def cleanup(info: DistInfo) -> None:
+    """Destroy the process group this module started."""
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

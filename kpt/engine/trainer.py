@@ -1,0 +1,346 @@
+"""The training loop every plugin shares: ``train(plugin, cfg, out_dir, resume)``.
+
+Order of one step: schedule the learning rate for this step, forward under autocast, backward, clip,
+optimizer step; then (maybe) log, evaluate, save. A checkpoint taken after step s holds everything that
+decides step s+1 (weights, optimizer, scaler, RNG states of every rank, epoch and batch position), and
+the sampler order is a function of (seed, epoch), so ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from kpt.config import Config
+from kpt.data.samplers import ShardedBatchSampler, SkipBatches
+from kpt.engine import checkpoint as ckpt_io
+from kpt.engine.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    init_distributed,
+)
+from kpt.engine.optim import build_optimizer, build_scheduler, epochs_needed, total_training_steps
+from kpt.engine.progress import MetricsLog, Progress, header_lines, metric_table
+from kpt.engine.seeding import get_rng_state, seed_everything, set_rng_state, worker_init
+from kpt.plugin import Plugin, TaskData
+
+logger = logging.getLogger("kpt.engine")
+
+
+def default_run_dir(domain: str, root: str | Path = "runs") -> Path:
+    """``runs/DOMAIN/<timestamp>``."""
+    return Path(root) / domain / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of a (nested) batch moved to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def autocast_context(amp: str, device: torch.device) -> Any:
+    """Autocast for ``train.amp`` (none | bf16 | fp16)."""
+    if amp == "none":
+        return nullcontext()
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 on the CPU")
+        return torch.autocast("cuda", dtype=torch.float16)
+    raise ValueError(f"train.amp={amp!r}: expected none, bf16 or fp16")
+
+
+def split_step_output(out: Any, plugin: str) -> tuple[Tensor, dict[str, float]]:
+    """``loss`` or ``(loss, logs)`` from ``training_step``, checked."""
+    loss, logs = (out if isinstance(out, tuple) else (out, {}))
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise TypeError(f"plugin {plugin!r}: training_step must return a scalar loss tensor (or "
+                        f"(loss, logs)), got {type(loss).__name__}")
+    return loss, {k: float(v) for k, v in dict(logs).items()}
+
+
+def evaluate_model(plugin: Plugin, model: nn.Module, data: TaskData, cfg: Config,
+                   device: torch.device) -> dict[str, float]:
+    """Run the plugin's evaluation in eval mode without gradients; checks the result is flat floats."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            metrics = plugin.evaluate(model, data, cfg, device)
+    finally:
+        model.train(was_training)
+    if not isinstance(metrics, dict):
+        raise TypeError(f"plugin {plugin.name!r}: evaluate must return a dict of floats, "
+                        f"got {type(metrics).__name__}")
+    try:
+        return {str(k): float(v) for k, v in metrics.items()}
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"plugin {plugin.name!r}: evaluate must return a flat dict of floats "
+                        f"({exc})") from exc
+
+
+class Trainer:
+    """One training run. Use :func:`train` unless you need the pieces."""
+
+    def __init__(self, plugin: Plugin, cfg: Config, out_dir: Path, resume: Path | None,
+                 info: DistInfo, device: torch.device) -> None:
+        self.plugin, self.cfg, self.out_dir, self.info, self.device = plugin, cfg, out_dir, info, device
+        t = cfg.train
+        seed_everything(t.seed, t.deterministic)  # same seed everywhere: identical initial weights
+        self.data = plugin.build_data(cfg)
+        if not isinstance(self.data, TaskData):
+            raise TypeError(f"plugin {plugin.name!r}: build_data must return a kpt.plugin.TaskData, "
+                            f"got {type(self.data).__name__}")
+        self.model = plugin.build_model(cfg, self.data.info).to(device)
+        if t.batch_size % info.world_size:
+            raise ValueError(f"train.batch_size={t.batch_size} (global) must be divisible by the "
+                             f"number of processes {info.world_size}")
+        per_rank = t.batch_size // info.world_size
+        if self.data.batch_sampler is not None:
+            self.sampler = self.data.batch_sampler(self.data.train, per_rank, t.seed, info.rank,
+                                                   info.world_size)
+        else:
+            self.sampler = ShardedBatchSampler(len(self.data.train), per_rank, t.seed, info.rank,
+                                               info.world_size)
+        self.steps_per_epoch = len(self.sampler)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"plugin {plugin.name!r}: the training set ({len(self.data.train)} items) "
+                             f"is smaller than one batch (train.batch_size={t.batch_size})")
+        self.total_steps = total_training_steps(t.epochs, self.steps_per_epoch, t.max_steps)
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = build_scheduler(self.optimizer, t, self.total_steps, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16")
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.best: dict[str, Any] = {}
+        self.last_metrics: dict[str, float] = {}
+        self.last_eval_step = -1
+        if resume is not None:
+            self._load(resume)
+        else:
+            seed_everything(t.seed + info.rank)  # per-rank streams for augmentation / dropout
+        self.ddp_model: nn.Module = self.model
+        if info.enabled:
+            self.ddp_model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.log = MetricsLog(out_dir / "metrics.jsonl" if info.is_main else None)
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        rng = get_rng_state()
+        if self.info.enabled:
+            gathered: list[Any] = [None] * self.info.world_size
+            dist.all_gather_object(gathered, rng)
+            rng_all = gathered
+        else:
+            rng_all = [rng]
+        from kpt import __version__
+
+        return {
+            "format": ckpt_io.CHECKPOINT_FORMAT, "version": ckpt_io.CHECKPOINT_VERSION,
+            "kpt_version": __version__, "plugin": self.plugin.name,
+            "model_class": ckpt_io.model_class_name(self.model),
+            "config": self.cfg.to_dict(), "info": ckpt_io.to_plain(self.data.info),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": ckpt_io.to_plain(self.scheduler.state_dict()) if self.scheduler else None,
+            "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch, "best": dict(self.best),
+            "last_eval_step": self.last_eval_step, "world_size": self.info.world_size, "rng": rng_all,
+        }
+
+    def save(self, name: str = "last.pt") -> None:
+        state = self._state()  # collective (RNG gather): every rank calls it
+        if self.info.is_main:
+            ckpt_io.save_checkpoint(state, self.out_dir / name)
+        barrier(self.info)
+
+    def _load(self, path: Path) -> None:
+        ckpt = ckpt_io.load_checkpoint(path, map_location="cpu")
+        ckpt_io.check_compatible(ckpt, path, self.plugin.name, self.model)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt.get("scheduler"):
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"])
+        self.batch_in_epoch = int(ckpt["batch_in_epoch"])
+        self.best = dict(ckpt.get("best") or {})
+        self.last_eval_step = int(ckpt.get("last_eval_step", -1))
+        rngs = ckpt["rng"]
+        if len(rngs) == self.info.world_size:
+            set_rng_state(rngs[self.info.rank])
+        else:
+            logger.warning("%s was written by %d processes, this run has %d: random streams restart, "
+                           "the run will not match an uninterrupted one exactly", path, len(rngs),
+                           self.info.world_size)
+            seed_everything(self.cfg.train.seed + self.step + self.info.rank)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
+                    self.batch_in_epoch)
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.info.is_main:  # the plugin's protocol runs once; the other ranks wait for the result
+            metrics = evaluate_model(self.plugin, self.model, self.data, self.cfg, self.device)
+        metrics = broadcast_object(metrics, self.info)
+        self.last_metrics, self.last_eval_step = metrics, self.step
+        self.log.write({"type": "eval", "step": self.step, "epoch": self.epoch, **metrics})
+        logger.info("%s", metric_table(metrics, f"evaluation at step {self.step}"))
+        key = self.plugin.primary_metric
+        if key and key in metrics and (not self.best or metrics[key] > self.best["value"]):
+            self.best = {"metric": key, "value": metrics[key], "step": self.step}
+            self.save("best.pt")
+        return metrics
+
+    # -- training ---------------------------------------------------------------------------------------
+    def _loader(self) -> DataLoader:
+        t = self.cfg.train
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self.epoch)
+        # A private generator: creating the loader must not consume the global RNG, or a resumed run
+        # (which creates one more loader) would draw different dropout masks.
+        gen = torch.Generator().manual_seed(t.seed * 100_003 + self.epoch * 101 + self.info.rank)
+        return DataLoader(self.data.train, batch_sampler=SkipBatches(self.sampler, self.batch_in_epoch),
+                          collate_fn=self.data.collate_fn, num_workers=t.num_workers,
+                          pin_memory=self.device.type == "cuda", worker_init_fn=worker_init,
+                          generator=gen, persistent_workers=False)
+
+    def _train_step(self, batch: dict) -> tuple[float, dict[str, float], int]:
+        t = self.cfg.train
+        if self.scheduler is not None:
+            self.scheduler.step_update(num_updates=self.step)
+        self.ddp_model.train()
+        with autocast_context(t.amp, self.device):
+            loss, logs = split_step_output(self.plugin.training_step(self.ddp_model, batch, self.cfg),
+                                           self.plugin.name)
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(f"plugin {self.plugin.name!r}: loss is {loss.item()} at step "
+                                     f"{self.step}; lower train.lr or enable train.clip_grad")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss.float()).backward()
+        if t.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                     t.clip_grad))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        images = batch.get("image") if isinstance(batch, dict) else None
+        n = int(images.shape[0]) if isinstance(images, Tensor) else 0
+        return float(loss.detach()), logs, n
+
+    def run(self) -> dict[str, Any]:
+        t = self.cfg.train
+        if self.info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(self.cfg.to_yaml())
+            for line in header_lines(self.plugin.name, self.device, self.info.world_size, self.model,
+                                     len(self.data.train), self.data.evals, self.out_dir,
+                                     self.total_steps, self.steps_per_epoch):
+                logger.info("%s", line)
+        start = time.perf_counter()
+        progress = Progress(self.total_steps, self.step, enabled=self.info.is_main)
+        window: dict[str, float] = {}
+        window_n, window_images, window_start = 0, 0, time.perf_counter()
+        try:
+            for _ in range(epochs_needed(self.total_steps, self.steps_per_epoch)):
+                if self.step >= self.total_steps:
+                    break
+                for batch in self._loader():
+                    loss, logs, n = self._train_step(move_to_device(batch, self.device))
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    for k, v in {"loss": loss, **logs}.items():
+                        window[k] = window.get(k, 0.0) + v
+                    window_n, window_images = window_n + 1, window_images + n
+                    log_now = self.step % max(1, t.log_every) == 0 or self.step == self.total_steps
+                    if log_now:
+                        avg = all_reduce_mean({k: v / window_n for k, v in window.items()}, self.info)
+                        elapsed = max(time.perf_counter() - window_start, 1e-9)
+                        record = {**avg, "lr": self.optimizer.param_groups[0]["lr"],
+                                  "img_s": window_images * self.info.world_size / elapsed}
+                        self.log.write({"type": "train", "step": self.step, "epoch": self.epoch,
+                                        **record})
+                        window, window_n, window_images = {}, 0, 0
+                        window_start = time.perf_counter()
+                        progress.update(self.step, record, log_line=True)
+                    else:
+                        progress.update(self.step, {"loss": loss}, log_line=False)
+                    if t.eval_every > 0 and self.step % t.eval_every == 0:
+                        self.evaluate()
+                    if self.batch_in_epoch == self.steps_per_epoch:
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                        if self.step < self.total_steps:  # the end of the run saves below
+                            if t.eval_every == 0:
+                                self.evaluate()
+                            self.save()
+                    elif t.save_every > 0 and self.step % t.save_every == 0:
+                        self.save()
+                    if self.step >= self.total_steps:
+                        break
+        finally:
+            progress.close()
+        if self.last_eval_step != self.step:
+            self.evaluate()
+        self.save()
+        return self._finish(time.perf_counter() - start)
+
+    def _finish(self, seconds: float) -> dict[str, Any]:
+        summary: dict[str, Any] = dict(self.last_metrics)
+        summary.update({"step": self.step, "epoch": self.epoch, "train_time_s": round(seconds, 3)})
+        if self.best:
+            summary[f"best_{self.best['metric']}"] = self.best["value"]
+            summary["best_step"] = self.best["step"]
+        if self.info.is_main:
+            ckpt_io.save_weights(self.model, self.out_dir / "weights.safetensors", self.plugin.name,
+                                 self.cfg.to_dict(), self.data.info)
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            logger.info("%s", metric_table(summary, f"summary ({self.out_dir})"))
+        barrier(self.info)
+        return summary
+
+
+def train(plugin: Plugin, cfg: Config, out_dir: str | Path | None = None,
+          resume: str | Path | None = None) -> dict[str, Any]:
+    """Train ``plugin`` with ``cfg``; returns the summary (final metrics, steps, time).
+
+    Args:
+        plugin: the domain plugin.
+        cfg: full config (see :func:`kpt.config.build_config`).
+        out_dir: run folder (default ``runs/DOMAIN/<timestamp>``; the resumed run's folder on resume).
+        resume: a checkpoint to continue from (resolve ``auto`` with
+            :func:`kpt.engine.checkpoint.find_resume_checkpoint`).
+    """
+    started_group = not (dist.is_available() and dist.is_initialized())
+    info, device = init_distributed(cfg.train.device)
+    try:
+        if out_dir is None:
+            out_dir = Path(resume).parent if resume is not None else default_run_dir(plugin.name)
+        out_dir = Path(broadcast_object(str(out_dir), info))  # rank 0's timestamp for everyone
+        trainer = Trainer(plugin, cfg, out_dir, Path(resume) if resume else None, info, device)
+        return trainer.run()
+    finally:
+        if started_group and info.enabled and dist.is_initialized():
+            dist.destroy_process_group()

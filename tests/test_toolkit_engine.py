@@ -1,0 +1,196 @@
+"""Engine: run folder, exact resume, atomic checkpoints, mismatch errors, optimizer groups, load_model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import toolkit_tiny_plugin as tiny
+import torch
+
+import kpt
+from kpt.config import Config, build_config, parse_yaml
+from kpt.engine import checkpoint as ckpt_io
+from kpt.engine.optim import build_optimizer, build_scheduler, param_groups
+from kpt.engine.trainer import train
+
+torch.set_num_threads(1)
+
+
+def _cfg(*overrides):
+    return build_config(tiny.PLUGIN, overrides=list(overrides))
+
+
+def test_run_folder_contents(tmp_path, monkeypatch):
+    tiny.register_in_process(monkeypatch)
+    out = tmp_path / "run"
+    summary = train(tiny.PLUGIN, _cfg(), out)
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt",
+            "weights.safetensors"} <= {p.name for p in out.iterdir()}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["type"] == "train"]
+    assert train_steps == list(range(1, 13))  # 48 items / batch 8 = 6 steps x 2 epochs, log_every=1
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [6, 12] and "accuracy" in evals[0]
+    assert records[0]["lr"] == pytest.approx(1e-6)  # warmup starts at warmup_lr
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert summary["step"] == 12 and summary["accuracy"] == evals[-1]["accuracy"]
+    assert summary["best_accuracy"] == max(r["accuracy"] for r in evals)
+    saved = Config(parse_yaml((out / "config.yaml").read_text()))
+    assert saved.to_dict() == _cfg().to_dict()
+    best = ckpt_io.load_checkpoint(out / "best.pt")
+    assert best["step"] == summary["best_step"]
+
+    # kpt.load_model rebuilds the trained model from either file, through the plugin
+    last = ckpt_io.load_checkpoint(out / "last.pt")
+    x, k = torch.rand(3, 1, 8, 8), torch.rand(3, 2, 2)
+    for name in ("weights.safetensors", "last.pt"):
+        model = kpt.load_model(str(out / name))
+        assert not model.training
+        ref = tiny.TinyNet(16, 0.1).eval()
+        ref.load_state_dict(last["model"])
+        torch.testing.assert_close(model(x, k), ref(x, k), rtol=0, atol=0)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crashing(after_calls: int):
+    calls = {"n": 0}
+
+    def step(model, batch, cfg):
+        calls["n"] += 1
+        if calls["n"] > after_calls:
+            raise _Crash
+        return tiny.training_step(model, batch, cfg)
+
+    return dataclasses.replace(tiny.PLUGIN, training_step=step)
+
+
+@pytest.mark.parametrize("crash_after", [8, 6])  # mid-epoch 2 / right at the epoch boundary
+def test_resume_matches_uninterrupted_run(tmp_path, crash_after):
+    full = train(tiny.PLUGIN, _cfg("train.save_every=1"), tmp_path / "a")
+    with pytest.raises(_Crash):
+        train(_crashing(crash_after), _cfg("train.save_every=1"), tmp_path / "b")
+    ckpt = ckpt_io.load_checkpoint(tmp_path / "b" / "last.pt")
+    assert ckpt["step"] == crash_after
+    resumed = train(tiny.PLUGIN, _cfg("train.save_every=1"), tmp_path / "b",
+                    resume=tmp_path / "b" / "last.pt")
+    a = ckpt_io.load_checkpoint(tmp_path / "a" / "last.pt")
+    b = ckpt_io.load_checkpoint(tmp_path / "b" / "last.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert resumed["accuracy"] == full["accuracy"] and resumed["step"] == 12
+    lines_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    losses_a = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl")
+                                                  .read_text().splitlines()) if r["type"] == "train"}
+    losses_b = {r["step"]: r["loss"] for r in map(json.loads, lines_b) if r["type"] == "train"}
+    assert losses_a == losses_b
+
+
+def test_resume_rejects_other_model_or_plugin(tmp_path):
+    train(tiny.PLUGIN, _cfg("train.max_steps=1"), tmp_path / "a")
+    last = tmp_path / "a" / "last.pt"
+    with pytest.raises(ckpt_io.CheckpointError, match=r"shape mismatch.*fc1"):
+        train(tiny.PLUGIN, _cfg("model.hidden=8"), tmp_path / "b", resume=last)
+    other = dataclasses.replace(tiny.PLUGIN, name="other")
+    with pytest.raises(ckpt_io.CheckpointError, match="written by plugin 'tiny'"):
+        train(other, _cfg(), tmp_path / "c", resume=last)
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt_io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def broken_save(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt_io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert ckpt_io.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_killed_while_saving_leaves_previous_checkpoint_loadable(tmp_path):
+    path = tmp_path / "last.pt"
+    ckpt_io.save_checkpoint({"step": 1, "w": torch.arange(1000.0)}, path)
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from kpt.engine import checkpoint as c
+        def killed(obj, fh):
+            fh.write(b"x" * 4096)
+            fh.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = killed
+        c.save_checkpoint({{"step": 2}}, {str(path)!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120,
+                          check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert any(p.name.startswith(".last.pt.tmp-") for p in tmp_path.iterdir())  # the torn write
+    loaded = ckpt_io.load_checkpoint(path)
+    assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.arange(1000.0))
+    ckpt_io.save_checkpoint({"step": 3}, path)  # the next save cleans the dead writer's file
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    train(tiny.PLUGIN, _cfg("train.max_steps=2", "train.amp=bf16"), tmp_path)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["format"] == "kpt.checkpoint" and ckpt["plugin"] == "tiny" and ckpt["step"] == 2
+    assert ckpt["model_class"].endswith("TinyNet")
+
+
+def test_param_groups_skip_norms_biases_and_position_tables():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = torch.nn.Parameter(torch.zeros(1, 4, 8))
+            self.proj = torch.nn.Linear(8, 8)
+            self.norm = torch.nn.LayerNorm(8)
+            self.table = torch.nn.Parameter(torch.zeros(3, 3))
+
+        def no_weight_decay(self):
+            return {"table"}
+
+    groups = param_groups(Net(), 0.05, ["pos_embed"])
+    by_wd = {g["weight_decay"]: set(g["names"]) for g in groups}
+    assert by_wd[0.05] == {"proj.weight"}
+    assert by_wd[0.0] == {"pos_embed", "proj.bias", "norm.weight", "norm.bias", "table"}
+    opt = build_optimizer(Net(), _cfg().train)
+    assert type(opt).__name__ == "SGD" and sorted(g["weight_decay"] for g in opt.param_groups) == \
+        [0.0, 1e-4]
+
+
+def test_schedule_warmup_then_cosine_decay():
+    cfg = _cfg("train.sched=cosine", "train.warmup_epochs=1", "train.min_lr=0", "train.lr=1.0")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, cfg.train, total_steps=20, steps_per_epoch=5)
+    lrs = []
+    for step in range(20):
+        sched.step_update(num_updates=step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-6) and lrs[:6] == sorted(lrs[:6])  # linear warmup to 1.0
+    assert lrs[5:] == sorted(lrs[5:], reverse=True) and lrs[-1] < 0.05
+    assert build_scheduler(opt, _cfg("train.sched=none").train, 20, 5) is None
+
+
+def test_nonfinite_loss_names_the_step(tmp_path):
+    bad = dataclasses.replace(tiny.PLUGIN, training_step=lambda m, b, c: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match="step 0"):
+        train(bad, _cfg(), tmp_path)
+
+
+def test_single_process_never_starts_a_process_group(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    train(tiny.PLUGIN, _cfg("train.max_steps=1"), tmp_path)
+    assert not torch.distributed.is_initialized()

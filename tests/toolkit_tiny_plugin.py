@@ -1,0 +1,112 @@
+"""A tiny plugin used by the toolkit tests (importable as ``toolkit_tiny_plugin`` from tests/).
+
+Images (1, 8, 8) hold a bright pixel at a random position; the two keypoints are that pixel and the image
+centre; the label says whether the pixel lies in the left or right half. The model is a small MLP over
+the image and the keypoints, with dropout so that RNG restoring matters for exact resume.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from kpt.plugin import Plugin, TaskData
+
+DEFAULTS = {
+    "model": {"hidden": 16, "dropout": 0.1},
+    "data": {"name": "blobs", "size": 48, "eval_size": 16},
+    "train": {"batch_size": 8, "lr": 0.05, "optimizer": "sgd", "sched": "cosine", "epochs": 2,
+              "warmup_epochs": 0.5, "log_every": 1, "weight_decay": 1e-4},
+    "eval": {"test": ["blobs"]},
+}
+
+
+class Blobs(Dataset):
+    def __init__(self, size: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.pos = torch.randint(0, 8, (size, 2), generator=g)
+        self.noise = 0.1 * torch.rand(size, 1, 8, 8, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+    def __getitem__(self, i: int) -> dict:
+        image = self.noise[i].clone()
+        x, y = self.pos[i].tolist()
+        image[0, y, x] = 1.0
+        kp = torch.tensor([[(x + 0.5) / 8, (y + 0.5) / 8], [0.5, 0.5]])
+        # a random jitter drawn from the global RNG, like an augmentation
+        image = image + 0.01 * torch.rand_like(image)
+        return {"image": image, "keypoints": kp, "label": torch.tensor(int(x >= 4))}
+
+
+class TinyNet(nn.Module):
+    def __init__(self, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64 + 4, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, 2)
+
+    def forward(self, images: torch.Tensor, keypoints: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([images.flatten(1), keypoints.flatten(1)], dim=1)
+        return self.fc2(self.drop(torch.relu(self.norm(self.fc1(x)))))
+
+
+def build_data(cfg) -> TaskData:
+    return TaskData(train=Blobs(cfg.data.size, seed=1),
+                    evals={name: Blobs(cfg.data.eval_size, seed=2) for name in cfg.eval.test},
+                    info={"num_classes": 2})
+
+
+def build_model(cfg, info) -> nn.Module:
+    return TinyNet(cfg.model.hidden, cfg.model.dropout)
+
+
+def training_step(model, batch, cfg):
+    logits = model(batch["image"], batch["keypoints"])
+    loss = nn.functional.cross_entropy(logits, batch["label"])
+    return loss, {"acc": float((logits.argmax(1) == batch["label"]).float().mean())}
+
+
+def evaluate(model, data, cfg, device) -> dict:
+    out = {}
+    for name, ds in data.evals.items():
+        batch = {k: torch.stack([ds[i][k] for i in range(len(ds))]).to(device)
+                 for k in ("image", "keypoints", "label")}
+        logits = model(batch["image"], batch["keypoints"])
+        out[f"{name}/accuracy"] = float((logits.argmax(1) == batch["label"]).float().mean())
+    out["accuracy"] = sum(out.values()) / max(1, len(out))
+    return out
+
+
+PLUGIN = Plugin(name="tiny", description="toolkit test plugin: blobs left or right",
+                default_config=DEFAULTS, build_data=build_data, build_model=build_model,
+                training_step=training_step, evaluate=evaluate, datasets=("blobs",),
+                primary_metric="accuracy", check_config={"data.size": 16})
+
+
+def register_in_process(monkeypatch) -> None:
+    """Make ``tiny`` discoverable in this process (as if installed through an entry point)."""
+    from kpt import plugin as plugin_mod
+
+    found = dict(plugin_mod.discover_plugins(refresh=True))
+    entry = plugin_mod.PluginEntry("tiny", "toolkit_tiny_plugin:PLUGIN", builtin=False,
+                                   package="toolkit-tests")
+    found["tiny"] = entry
+    monkeypatch.setattr(plugin_mod, "_DISCOVERED", found)
+
+
+def write_entry_point(folder, name: str = "tiny", target: str = "toolkit_tiny_plugin:PLUGIN"):
+    """A minimal ``*.dist-info`` in ``folder`` whose entry point registers ``name`` -> ``target``.
+
+    Put ``folder`` (and tests/) on PYTHONPATH of a subprocess to make ``kpt`` find the plugin.
+    """
+    from pathlib import Path
+
+    info = Path(folder) / f"kpt_plugin_{name}-0.0.1.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kpt-plugin-{name}\nVersion: 0.0.1\n")
+    (info / "entry_points.txt").write_text(f"[kpt.plugins]\n{name} = {target}\n")
+    return folder
