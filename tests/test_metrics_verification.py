@@ -31,6 +31,8 @@ def test_kfold_splits_are_sklearn_kfold_blocks():
     assert [t[0] for _, t in kfold_splits(6000)] == list(range(0, 6000, 600))
     with pytest.raises(ValueError, match="folds"):
         kfold_splits(5, 10)
+    ((train, test),) = kfold_splits(4, 1)  # insightface's LFold(1): train and test on everything
+    assert train.tolist() == test.tolist() == [0, 1, 2, 3]
 
 
 def test_verification_hand_computed_folds():

@@ -34,18 +34,20 @@ def kfold_splits(n: int, folds: int = 10) -> list[tuple[np.ndarray, np.ndarray]]
 
     Args:
         n: number of items (pairs).
-        folds: number of folds (2 <= folds <= n).
+        folds: number of folds (folds <= n); 1 trains and tests on all pairs, as insightface's ``LFold``.
 
     Returns:
         ``folds`` tuples ``(train_indices, test_indices)`` of int64 arrays.
     """
-    if folds < 2:
-        raise ValueError(f"folds: need at least 2 folds, got {folds}")
+    indices = np.arange(n)
+    if folds == 1:  # insightface's LFold: one "fold" that trains and tests on everything
+        return [(indices, indices)]
+    if folds < 1:
+        raise ValueError(f"folds: need at least 1 fold, got {folds}")
     if n < folds:
         raise ValueError(f"folds: cannot split {n} pairs into {folds} folds")
     sizes = np.full(folds, n // folds, dtype=np.int64)
     sizes[: n % folds] += 1
-    indices = np.arange(n)
     splits = []
     start = 0
     for size in sizes:
