@@ -25,7 +25,8 @@ alternatives: gather on the strided (transposed) table 1.35× slower forward, th
 ``index_select`` 1.66× slower forward, flat ``index_select`` straight from the (B, N, F) linear
 output 2.8× slower forward; forward+backward all within ±10% (the backward scatter dominates).
 Shallow MNIST shape (B=128, H=4, N=100): gather on the contiguous table 1.4-1.6× faster forward.
-Layer tables are produced lazily (:meth:`KeypointRPE.layer_bias`), so a model can build each
+Each layer's table is computed on its own by one broadcast matmul straight into the (B, H, N, nb)
+layout (:meth:`KeypointRPE.layer_bias`); :meth:`KeypointRPE.iter_biases` lets a model build each
 (B, H, N, N) bias right before the block that uses it instead of holding all of them.
 """
 
@@ -171,16 +172,36 @@ class KeypointRPE(nn.Module):
         return (grid[None, :, None, :] - kp[:, None, :, :]).flatten(2)
 
     def tables(self, keypoints: torch.Tensor) -> torch.Tensor:
-        """Per-token bucket tables of all layers: (B, N, F), F = linear.out_features."""
+        """All per-token bucket tables at once, (B, N, F) = linear(rel) (for inspection).
+
+        The forward pass never builds this: it computes each layer's table on its own.
+        """
         return self.linear(self.relative_keypoints(keypoints))
 
-    def _layer_table(self, tables: torch.Tensor, layer: int) -> torch.Tensor:
-        """(B, N, F) -> this layer's (B, N, table_heads · nb) slice."""
-        width = self.table_heads[layer] * self.num_buckets
-        return tables[..., self.offsets[layer]:self.offsets[layer] + width]
+    def features(self, keypoints: torch.Tensor) -> torch.Tensor:
+        """(B, N, 2K + 1): the relative keypoints with a constant 1 appended.
 
-    def layer_bias(self, tables: torch.Tensor, layer: int) -> torch.Tensor:
-        """Bias of one layer from :meth:`tables`.
+        The 1 carries the linear's bias, so a zero-padded token (all-zero features) gets an
+        all-zero table, exactly the official zero padding of the table itself; this lets the
+        windowed path pad/roll/partition the 2K + 1 features instead of the nb-wide tables.
+        """
+        rel = self.relative_keypoints(keypoints)
+        return torch.cat([rel, torch.ones_like(rel[..., :1])], dim=-1)
+
+    def _layer_weight(self, layer: int) -> torch.Tensor:
+        """(H_l, 2K + 1, nb): this layer's rows of [linear.weight | linear.bias]."""
+        th, nb = self.table_heads[layer], self.num_buckets
+        rows = slice(self.offsets[layer], self.offsets[layer] + th * nb)
+        weight = torch.cat([self.linear.weight[rows], self.linear.bias[rows, None]], dim=1)
+        return weight.view(th, nb, -1).transpose(1, 2)
+
+    def layer_bias(self, features: torch.Tensor, layer: int) -> torch.Tensor:
+        """Bias of one layer from :meth:`features`.
+
+        The layer's table (B', H_l, L, nb) comes out of one broadcast matmul already in the
+        head-major layout the gather wants (no (B, N, F) table, no transpose copy, and the
+        backward of a slice of a big table, which zero-fills the whole table once per layer,
+        never happens).
 
         Returns:
             (B, H_l, N, N) for global attention, or (B·nW, H_l, wh·ww, wh·ww) for windowed
@@ -189,21 +210,19 @@ class KeypointRPE(nn.Module):
         """
         if not 0 <= layer < self.depth:
             raise IndexError(f"layer {layer} out of range for depth {self.depth}")
-        table = self._layer_table(tables, layer)
-        b, n, _ = table.shape
-        th, nb = self.table_heads[layer], self.num_buckets
+        weight = self._layer_weight(layer).to(features.dtype)
         if self.window_size is None:
             gh, gw = self.grid_size
-            ids = bucket_ids(gh, gw, self.method, self.ratio, device=table.device)
-            table = table.view(b, n, th, nb).transpose(1, 2).contiguous()
+            ids = bucket_ids(gh, gw, self.method, self.ratio, device=features.device)
+            table = torch.matmul(features.unsqueeze(1), weight)  # (B, H_l, N, nb)
             return gather_buckets(table, ids)
-        gh, gw = self.grid_size
-        wh, ww = self.window_size
-        windows, _ = roll_to_windows(table.reshape(b, gh, gw, th * nb), self.window_size,
+        (gh, gw), (wh, ww) = self.grid_size, self.window_size
+        b, _, c = features.shape
+        windows, _ = roll_to_windows(features.reshape(b, gh, gw, c), self.window_size,
                                      self.shift_sizes[layer])
-        windows = windows.view(-1, wh * ww, th, nb).transpose(1, 2).contiguous()
-        ids = bucket_ids(wh, ww, self.method, self.ratio, device=table.device)
-        return gather_buckets(windows, ids)
+        table = torch.matmul(windows.unsqueeze(1), weight)  # (B·nW, H_l, wh·ww, nb)
+        ids = bucket_ids(wh, ww, self.method, self.ratio, device=features.device)
+        return gather_buckets(table, ids)
 
     def _reuse_key(self, layer: int) -> tuple | None:
         """Layers whose biases are identical (shared tables, same effective shift) share a key."""
@@ -218,14 +237,14 @@ class KeypointRPE(nn.Module):
         consumer asks for it, so a backbone looping ``zip(blocks, rpe.iter_biases(kp))`` holds
         one bias at a time instead of ``depth`` of them (the gather keeps no copy for backward).
         """
-        tables = self.tables(keypoints)
+        features = self.features(keypoints)
         done: dict[tuple, torch.Tensor] = {}
         for layer in range(self.depth):
             key = self._reuse_key(layer)
             if key is not None and key in done:
                 yield done[key]
                 continue
-            bias = self.layer_bias(tables, layer)
+            bias = self.layer_bias(features, layer)
             if key is not None:
                 done[key] = bias
             yield bias
