@@ -178,3 +178,16 @@ def test_kappaface_external_statistics():
     torch.testing.assert_close(kappa, torch.zeros(2))  # no finite κ to replace inf with -> 0, z-score 0
     w_count = [(math.cos(math.pi * n / (1.05 * 2)) + 1) / 2 for n in (1, 2)]
     torch.testing.assert_close(head.psi, torch.tensor([0.7 * 0.5 + 0.3 * w for w in w_count]))
+
+
+@pytest.mark.parametrize("name", ["adaface", "arcface", "cosface", "kappaface"])
+def test_heads_run_under_bf16_autocast(name):
+    kw = {"num_samples": 8} if name == "kappaface" else {}
+    head = kpt.create("head", name, embedding_size=16, num_classes=12, **kw)
+    emb = torch.randn(8, 16, requires_grad=True)
+    labels = torch.randint(0, 12, (8,))
+    extra = {"indices": torch.arange(8)} if name == "kappaface" else {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(head(emb, labels, **extra), labels)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0

@@ -321,7 +321,9 @@ class KappaFace(MarginHead):
 
     def margin(self, cos: Tensor, labels: Tensor, norms: Tensor) -> Tensor:
         rows, cols = target_rows(labels)
-        # acos has an infinite slope at ±1: keep the argument inside (official: no clamp, NaN risk).
+        # Full autograd through acos: in float32 even under autocast (a bf16 clamp at 1 - 1e-7 rounds to 1),
+        # and acos' infinite slope at ±1 is kept out of reach (official: no clamp, NaN risk).
+        cos = cos.float()
         theta = torch.acos(cos[rows, cols].clamp(-1 + 1e-7, 1 - 1e-7))
         logits = cos.clone()
         logits[rows, cols] = torch.cos(theta + self.m * self.psi[cols])
