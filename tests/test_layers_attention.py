@@ -53,6 +53,9 @@ def test_path_rule_on_cpu():
     assert attention_path(q, grad=False) == "sdpa"
     assert attention_path(q, grad=True) == "manual"
     assert attention_path(q.bfloat16(), grad=True) == "sdpa"
+    long = torch.randn(1, 1, 100, 4)
+    assert attention_path(long, grad=True, has_bias=False) == "sdpa"
+    assert attention_path(q, grad=True, has_bias=False) == "manual"  # short windows
 
 
 def test_attention_bf16_autocast_runs_with_fp32_bias():

@@ -10,21 +10,23 @@ Which kernel computes it is picked per call by :func:`attend`:
   kernels; the bias is one extra read). A FlexAttention ``score_mod`` that gathers the KP-RPE
   table inside the kernel would avoid materialising (B, H, N, N), but needs the table/bucket
   interface instead of a bias tensor and a GPU to test it; it is not implemented.
-* CPU: measured on this project's 2-core CPU, 1 thread, interleaved (ratio = manual / SDPA
-  time; < 1 means the manual softmax is faster; ``/tmp`` bench, see the module docstring of
-  ``kpt.position.kprpe`` for the gather):
+* CPU: measured on this project's 2-core CPU, 1 thread, interleaved, median of 15
+  (ratio = manual / SDPA time, < 1: the manual softmax is faster; train = forward+backward with
+  q, k, v and the bias requiring grad; bf16 = autocast, from a 7-iteration run):
 
-  ==========================  ==========  ==========  ==========  ==========
-  shape (B, H, N, d)          fp32 eval   fp32 train  bf16 eval   bf16 train
-  ==========================  ==========  ==========  ==========  ==========
-  ViT-S (32, 6, 196, 64)      1.87        0.95        12.7        1.48
-  shallow (128, 4, 100, 16)   1.20        0.88        9.95        1.55
-  Swin win (2048, 4, 25, 32)  1.08        0.66        6.66        1.04
-  ==========================  ==========  ==========  ==========  ==========
+  ==========================  =============  =============  =============  ==========
+  shape (B, H, N, d)          fp32 eval      fp32 train     fp32 train     bf16 eval
+                              with bias      with bias      no bias        with bias
+  ==========================  =============  =============  =============  ==========
+  ViT-S (32, 6, 196, 64)      1.29           0.78           1.19           12.7
+  shallow (128, 4, 100, 16)   1.34           0.67           1.16           9.95
+  Swin win (2048, 4, 25, 32)  1.05           0.75           0.90           6.66
+  ==========================  =============  =============  =============  ==========
 
-  (train = forward+backward with the bias requiring grad.) So on CPU: SDPA for inference and
-  for bf16/fp16 (bf16 matmuls outside SDPA are very slow on this CPU), the manual softmax for
-  fp32 training (5-34% faster: SDPA's CPU backward with a float mask is the slower one).
+  So on CPU: SDPA for inference and for bf16/fp16 (bf16 matmuls outside SDPA are very slow on
+  this CPU; bf16 training is 1.04-1.55x slower manual); in fp32 training the manual softmax when
+  there is a bias (SDPA's CPU backward with a float mask is the slow part), SDPA without a bias
+  except for short windows (N ≤ 64).
 """
 
 from __future__ import annotations
@@ -38,14 +40,14 @@ __all__ = ["Attention", "attend", "attention_path"]
 _PATHS = ("auto", "sdpa", "manual")
 
 
-def attention_path(q: torch.Tensor, grad: bool | None = None) -> str:
+def attention_path(q: torch.Tensor, grad: bool | None = None, has_bias: bool = True) -> str:
     """The kernel :func:`attend` uses for ``q`` ("sdpa" or "manual"); see the module docstring."""
-    if q.device.type != "cpu":
+    if q.device.type != "cpu" or q.dtype != torch.float32:
         return "sdpa"
     grad = (torch.is_grad_enabled() and q.requires_grad) if grad is None else grad
-    if q.dtype != torch.float32:
+    if not grad:
         return "sdpa"
-    return "manual" if grad else "sdpa"
+    return "manual" if has_bias or q.shape[-2] <= 64 else "sdpa"
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
@@ -70,7 +72,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
         bias = bias.to(q.dtype)
     if path == "auto":
         needs_grad = q.requires_grad or (bias is not None and bias.requires_grad)
-        path = attention_path(q, grad=torch.is_grad_enabled() and needs_grad)
+        path = attention_path(q, grad=torch.is_grad_enabled() and needs_grad,
+                              has_bias=bias is not None)
     if path == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p,
                                               scale=scale)
