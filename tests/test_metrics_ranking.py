@@ -72,6 +72,26 @@ def test_identification_chunks_agree_with_brute_force(monkeypatch):
         assert full[f"rank{k}"] == pytest.approx(100 * np.mean(hit))
 
 
+def test_identification_tie_order_matches_reversed_stable_sort():
+    # Integer features give many exactly equal scores; the closed-form first-mate position must equal
+    # the position in argsort(score, stable)[::-1], the official order on ties.
+    rng = np.random.default_rng(4)
+    probe = rng.integers(-1, 2, size=(50, 3)).astype(float) + np.array([0.0, 0.0, 3.0])
+    gallery = rng.integers(-1, 2, size=(40, 3)).astype(float) + np.array([0.0, 0.0, 3.0])
+    p_labels, g_labels = rng.integers(0, 6, 50), rng.integers(0, 8, 40)
+    out = identification(probe, p_labels, gallery, g_labels, ranks=(1, 2, 3, 5))
+    p = probe / np.linalg.norm(probe, axis=1, keepdims=True)
+    g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    firsts = []
+    for i in range(50):
+        order = np.argsort(p[i] @ g.T, kind="stable")[::-1]
+        hits = g_labels[order] == p_labels[i]
+        if hits.any():
+            firsts.append(int(np.argmax(hits)))
+    for k in (1, 2, 3, 5):
+        assert out[f"rank{k}"] == pytest.approx(100 * np.mean(np.array(firsts) < k))
+
+
 # Retrieval: 1-D features so the distances are easy to read.
 R_GALLERY = np.array([[1.0], [0.5], [3.0], [-2.0], [2.5]])
 R_GALLERY_LABELS = np.array(["A", "B", "A", "B", "C"])

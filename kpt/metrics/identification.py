@@ -12,9 +12,9 @@ Protocol (AdaFace ``validation_lq/tinyface_helper.py::DIR_FAR`` with ``FARs=[1.0
 
 Tie order: ``argsort(score)[::-1]`` reverses an ascending sort, so among equal scores the item with the
 larger gallery index comes first. numpy's default sort is not stable for long rows, so the official order
-of ties is not fully defined; here the ascending sort is stable (``kind="stable"``) and then reversed, which
-is the official behaviour whenever numpy's sort happens to keep the input order (always for rows of 16 or
-fewer items).
+of ties is not fully defined; kpt uses the order of a stable ascending sort, reversed (computed in closed
+form, without sorting), which is the official behaviour whenever numpy's sort happens to keep the input
+order (always for rows of 16 or fewer items).
 """
 
 from __future__ import annotations
@@ -25,22 +25,32 @@ from kpt.metrics.common import ArrayLike, as_features, as_labels, l2_normalize
 
 # Rows of the score matrix handled at once: TinyFace is 3,728 probes × ~157k gallery items, too large for
 # one float64 matrix.
-_CHUNK = 256
+_CHUNK = 128
 
 
 def _first_mate_rank(scores: np.ndarray, mates: np.ndarray) -> np.ndarray:
-    """0-based position of the first mate of each probe in the descending order.
+    """0-based position of the first mate of each probe in the order ``argsort(score)[::-1]``.
+
+    The order is never materialised (sorting 157k gallery items per probe is the slow part): in the
+    reversed stable ascending order, item j comes before item i when ``s_j > s_i``, or when
+    ``s_j == s_i`` and ``j > i``. The first mate is the highest-scoring mate (the largest index among
+    equal-scoring mates), and its position is the number of items that come before it.
 
     Args:
         scores: ``(p, g)`` similarities.
-        mates: ``(p, g)`` bool, True where the gallery item has the probe's label.
+        mates: ``(p, g)`` bool, True where the gallery item has the probe's label; each row has one.
 
     Returns:
-        ``(p,)`` int positions; only meaningful for probes with at least one mate.
+        ``(p,)`` int64 positions.
     """
-    order = np.argsort(scores, axis=1, kind="stable")[:, ::-1]
-    ranked_mates = np.take_along_axis(mates, order, axis=1)
-    return np.argmax(ranked_mates, axis=1)
+    num_g = scores.shape[1]
+    mate_scores = np.where(mates, scores, -np.inf)
+    best_score = mate_scores.max(axis=1, keepdims=True)
+    # largest index among the mates that reach the best score
+    best_index = num_g - 1 - np.argmax((mate_scores == best_score)[:, ::-1], axis=1)
+    higher = np.sum(scores > best_score, axis=1)
+    tied_after = np.sum((scores == best_score) & (np.arange(num_g)[None, :] > best_index[:, None]), axis=1)
+    return higher + tied_after
 
 
 def identification(probe: ArrayLike, probe_labels: ArrayLike, gallery: ArrayLike,

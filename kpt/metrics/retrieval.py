@@ -53,17 +53,17 @@ def pairwise_distance(query: ArrayLike, gallery: ArrayLike, metric: str = "eucli
     if q.shape[1:] != g.shape[1:]:
         raise ValueError(f"query and gallery: part/feature shapes differ, {q.shape[1:]} vs {g.shape[1:]}")
     num_parts = q.shape[1]
-    # (P, q, D) @ (P, D, g) -> (P, q, g): one matrix product per part, as cuda_dist loops over bins.
-    qp = np.ascontiguousarray(q.transpose(1, 0, 2))
-    gp = np.ascontiguousarray(g.transpose(1, 0, 2))
-    if metric == "cosine":
-        qp = l2_normalize(qp)
-        gp = l2_normalize(gp)
-        similarity = np.matmul(qp, gp.transpose(0, 2, 1)).sum(axis=0)
-        return 1.0 - similarity / num_parts
-    inner = np.matmul(qp, gp.transpose(0, 2, 1))
-    squared = np.sum(qp**2, axis=2)[:, :, None] + np.sum(gp**2, axis=2)[:, None, :] - 2.0 * inner
-    return np.sqrt(np.maximum(squared, 0.0)).sum(axis=0) / num_parts
+    distance = np.zeros((q.shape[0], g.shape[0]))
+    # One (q, g) product per part, accumulated, as cuda_dist loops over bins: a (P, q, g) stack would need
+    # P times the memory (Gait3D: 15 × 1000 × 5000 float64 = 600 MB).
+    for part in range(num_parts):
+        qp, gp = q[:, part], g[:, part]
+        if metric == "cosine":
+            distance += l2_normalize(qp) @ l2_normalize(gp).T
+        else:
+            squared = np.sum(qp**2, axis=1)[:, None] + np.sum(gp**2, axis=1)[None, :] - 2.0 * (qp @ gp.T)
+            distance += np.sqrt(np.maximum(squared, 0.0))
+    return 1.0 - distance / num_parts if metric == "cosine" else distance / num_parts
 
 
 def rank_metrics(distance: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
