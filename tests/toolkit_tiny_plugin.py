@@ -15,7 +15,7 @@ from kpt.plugin import Plugin, TaskData
 
 DEFAULTS = {
     "model": {"hidden": 16, "dropout": 0.1},
-    "data": {"name": "blobs", "size": 48, "eval_size": 16},
+    "data": {"name": "blobs", "size": 48, "eval_size": 16, "jitter": 0.01},
     "train": {"batch_size": 8, "lr": 0.05, "optimizer": "sgd", "sched": "cosine", "epochs": 2,
               "warmup_epochs": 0.5, "log_every": 1, "weight_decay": 1e-4},
     "eval": {"test": ["blobs"]},
@@ -23,7 +23,8 @@ DEFAULTS = {
 
 
 class Blobs(Dataset):
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, jitter: float = 0.0) -> None:
+        self.jitter = jitter
         g = torch.Generator().manual_seed(seed)
         self.pos = torch.randint(0, 8, (size, 2), generator=g)
         self.noise = 0.1 * torch.rand(size, 1, 8, 8, generator=g)
@@ -37,7 +38,7 @@ class Blobs(Dataset):
         image[0, y, x] = 1.0
         kp = torch.tensor([[(x + 0.5) / 8, (y + 0.5) / 8], [0.5, 0.5]])
         # a random jitter drawn from the global RNG, like an augmentation
-        image = image + 0.01 * torch.rand_like(image)
+        image = image + self.jitter * torch.rand_like(image)
         return {"image": image, "keypoints": kp, "label": torch.tensor(int(x >= 4))}
 
 
@@ -55,7 +56,7 @@ class TinyNet(nn.Module):
 
 
 def build_data(cfg) -> TaskData:
-    return TaskData(train=Blobs(cfg.data.size, seed=1),
+    return TaskData(train=Blobs(cfg.data.size, seed=1, jitter=cfg.data.jitter),
                     evals={name: Blobs(cfg.data.eval_size, seed=2) for name in cfg.eval.test},
                     info={"num_classes": 2})
 
@@ -110,3 +111,4 @@ def write_entry_point(folder, name: str = "tiny", target: str = "toolkit_tiny_pl
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kpt-plugin-{name}\nVersion: 0.0.1\n")
     (info / "entry_points.txt").write_text(f"[kpt.plugins]\n{name} = {target}\n")
     return folder
+

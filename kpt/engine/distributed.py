@@ -85,6 +85,27 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
     return {k: float(v) for k, v in zip(keys, t.tolist())}
 
 
+def assert_in_sync(model: torch.nn.Module, info: DistInfo) -> None:
+    """Raise if any parameter differs between ranks (cheap: compares per-tensor sums).
+
+    DDP keeps replicas identical only if every gradient flows through the wrapped ``forward``; a
+    ``training_step`` that calls submodules directly silently trains diverging replicas.
+    """
+    if not info.enabled:
+        return
+    names, params = zip(*model.named_parameters())
+    device = params[0].device if dist.get_backend() == "nccl" else torch.device("cpu")
+    sums = torch.stack([p.detach().double().sum() for p in params]).to(device)
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    diverged = [n for n, lo, hi in zip(names, low.tolist(), high.tolist())
+                if abs(hi - lo) > 1e-6 * max(1.0, abs(hi))]
+    if diverged:
+        raise RuntimeError(f"model replicas diverged over {info.world_size} processes in "
+                           f"{diverged[:5]}: training_step must call model(...) (the DDP wrapper)")
+
+
 def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
     """Send a picklable object from ``src`` to every rank (identity for one process)."""
     if not info.enabled:

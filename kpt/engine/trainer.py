@@ -28,6 +28,7 @@ from kpt.engine import checkpoint as ckpt_io
 from kpt.engine.distributed import (
     DistInfo,
     all_reduce_mean,
+    assert_in_sync,
     barrier,
     broadcast_object,
     init_distributed,
@@ -302,6 +303,7 @@ class Trainer:
                         break
         finally:
             progress.close()
+        assert_in_sync(self.model, self.info)
         if self.last_eval_step != self.step:
             self.evaluate()
         self.save()
