@@ -138,6 +138,7 @@ def test_part_distance_is_mean_of_per_part_distances():
     q = np.array([[[1.0, 0.0], [0.0, 2.0]]])
     g = np.array([[[5.0, 0.0], [3.0, 0.0]]])
     np.testing.assert_allclose(pairwise_distance(q, g, "cosine"), [[1 - (1 + 0) / 2]])
+    np.testing.assert_array_equal(pairwise_distance(q, g, "cos"), pairwise_distance(q, g, "cosine"))
     with pytest.raises(ValueError, match="part/feature shapes"):
         pairwise_distance(q, g[:, :1])
 

@@ -28,6 +28,7 @@ import numpy as np
 from kpt.metrics.common import ArrayLike, as_features, as_labels, l2_normalize
 
 METRICS = ("euclidean", "cosine")
+_ALIASES = {"euc": "euclidean", "cos": "cosine"}  # OpenGait's config names
 
 
 def _as_parts(x: np.ndarray) -> np.ndarray:
@@ -41,11 +42,13 @@ def pairwise_distance(query: ArrayLike, gallery: ArrayLike, metric: str = "eucli
     Args:
         query: ``(q, D)`` or ``(q, P, D)`` features.
         gallery: ``(g, D)`` or ``(g, P, D)`` features, same P and D as ``query``.
-        metric: ``"euclidean"`` or ``"cosine"`` (``1 - cosine similarity``).
+        metric: ``"euclidean"`` or ``"cosine"`` (``1 - cosine similarity``); OpenGait's ``"euc"`` and
+            ``"cos"`` are accepted too.
 
     Returns:
         ``(q, g)`` float64 distances.
     """
+    metric = _ALIASES.get(metric, metric)
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     q = _as_parts(as_features(query, "query", parts=True))
