@@ -10,10 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from kpt_plugins.face.heads import HEADS
+from kpt_plugins.face.heads import HEADS, KappaFace
 from kpt_plugins.face.partial_fc import PartialFC, shard_range
 
 D, C, B = 8, 10, 6
+HEADS_WITH_KAPPA = {**HEADS, "kappaface": KappaFace}
 
 
 def _full_head_loss(name: str, weight: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor, **kw):
@@ -108,9 +109,22 @@ def _ddp_worker(rank: int, world: int, port: int, head: str, emb: torch.Tensor, 
         local = emb[rank * half:(rank + 1) * half].clone().requires_grad_()
         loss = pfc(local, labels[rank * half:(rank + 1) * half])
         loss.backward()
-        torch.save({"loss": loss.detach(), "emb_grad": local.grad, "weight_grad": pfc.weight.grad,
-                    "start": start, "num": num, "batch_mean": pfc.head.batch_mean},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        result = {"loss": loss.detach(), "emb_grad": local.grad, "weight_grad": pfc.weight.grad,
+                  "start": start, "num": num, "batch_mean": pfc.head.batch_mean}
+        # sampled shards: 40 classes, 20 per rank, 15 sampled per rank; rank 1 holds no positive
+        torch.manual_seed(rank)
+        sampled = PartialFC(D, 40, head="arcface", sample_rate=0.75)
+        with torch.no_grad():
+            sampled.weight.copy_(torch.cat([weight] * 4)[sampled.class_start:][:sampled.num_local])
+        result["sampled_loss"] = sampled(local.detach(), labels[rank * half:(rank + 1) * half]).detach()
+        result["sampled_index"] = sampled.last_index + sampled.class_start
+        # KappaFace gathers the global batch before its memory update: identical memory on every rank
+        kappa = HEADS_WITH_KAPPA["kappaface"](D, C, num_samples=2 * half)
+        kappa.memory.copy_(torch.ones_like(kappa.memory))
+        kappa(local.detach(), labels[rank * half:(rank + 1) * half],
+              indices=torch.arange(rank * half, (rank + 1) * half))
+        result["kappa_memory"], result["kappa_sums"] = kappa.memory, kappa.class_sums
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -133,3 +147,23 @@ def test_two_rank_sharding_equals_one_process(tmp_path):
         torch.testing.assert_close(out["emb_grad"], 2 * emb_ref.grad[rank * B:(rank + 1) * B])
         torch.testing.assert_close(out["weight_grad"], head.weight.grad[start:start + num])
         torch.testing.assert_close(out["batch_mean"], head.batch_mean)  # statistics of the global batch
+    # sampling per shard: positives kept on rank 0, every rank's softmax shares the union of samples
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0["sampled_index"].numel() == rank1["sampled_index"].numel() == 15
+    assert set(labels.tolist()) <= set(rank0["sampled_index"].tolist())
+    union = torch.cat([rank0["sampled_index"], rank1["sampled_index"]])
+    sub = HEADS["arcface"](D, union.numel())
+    with torch.no_grad():
+        sub.weight.copy_(torch.cat([weight] * 4)[union])
+    remapped = torch.searchsorted(union, labels)
+    expected = F.cross_entropy(sub(emb, remapped), remapped)
+    torch.testing.assert_close(rank0["sampled_loss"], expected)
+    torch.testing.assert_close(rank1["sampled_loss"], expected)
+    # KappaFace: both ranks hold the memory and sums of the one-process update on the global batch
+    kappa = HEADS_WITH_KAPPA["kappaface"](D, C, num_samples=2 * B)
+    kappa.memory.copy_(torch.ones_like(kappa.memory))
+    kappa(emb, labels, indices=torch.arange(2 * B))
+    for out in (rank0, rank1):
+        torch.testing.assert_close(out["kappa_memory"], kappa.memory)
+        torch.testing.assert_close(out["kappa_sums"], kappa.class_sums)
