@@ -84,6 +84,9 @@ class GaitTransform:
             OpenGait's SwinGait Gait3D config uses).
         p_perspective, p_flip, p_rotate: probabilities (OpenGait configs: 0.2 each).
         degree: rotation range in degrees.
+        downsample: integer factor of a final block-mean downsampling (1: none; 2 gives the
+            32x22 frames of the CPU preset). Normalised joints are unchanged by it (the pixel-centre
+            convention is scale invariant).
 
     Call:
         sils: uint8 (T, 64, 64) silhouettes; joints: (T, 17, 2) pixel (x, y) in that frame;
@@ -99,6 +102,7 @@ class GaitTransform:
     p_flip: float = 0.2
     p_rotate: float = 0.2
     degree: float = 10.0
+    downsample: int = 1
 
     def __call__(self, sils: np.ndarray, joints: np.ndarray, rng: np.random.Generator
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -119,4 +123,9 @@ class GaitTransform:
         if self.train and rng.random() < self.p_rotate:
             image, joints = random_rotate(image, joints, rng.uniform(-self.degree, self.degree))
         h, w = image.shape[-2:]
-        return np.ascontiguousarray(image), normalise_joints(joints, h, w)
+        keypoints = normalise_joints(joints, h, w)
+        f = self.downsample
+        if f > 1:
+            t = image.shape[0]
+            image = image[:, : h - h % f, : w - w % f].reshape(t, h // f, f, w // f, f).mean((2, 4))
+        return np.ascontiguousarray(image, dtype=np.float32), keypoints
