@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -129,14 +130,22 @@ def _ddp_worker(rank: int, world: int, port: int, head: str, emb: torch.Tensor, 
         dist.destroy_process_group()
 
 
+@pytest.mark.skipif(not dist.is_available() or "fork" not in mp.get_all_start_methods(),
+                    reason="needs torch.distributed (gloo) and the fork start method")
 def test_two_rank_sharding_equals_one_process(tmp_path):
     torch.manual_seed(2)
     emb = torch.randn(2 * B, D) * 4
     labels = torch.tensor([0, 3, 3, 7, 9, 1, 5, 5, 2, 8, 4, 6])
     weight = torch.randn(C, D) * 0.01
     # fork: the children reuse the imported modules (spawn would re-import torch, ~10 s on this CPU)
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), "adaface", emb, labels, weight, str(tmp_path)),
-                       nprocs=2, start_method="fork")
+    context = mp.start_processes(_ddp_worker, nprocs=2, join=False, start_method="fork",
+                                 args=(2, _free_port(), "adaface", emb, labels, weight, str(tmp_path)))
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=2):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the 2-rank gloo run did not finish within 120 s")
     emb_ref = emb.clone().requires_grad_()
     ref, head = _full_head_loss("adaface", weight, emb_ref, labels)
     for rank in range(2):
