@@ -272,12 +272,13 @@ class SwinStage(nn.Module):
             raise ValueError(
                 f"SwinStage built for a {self.grid_size} grid got a map of {tuple(x.shape[1:3])}."
             )
-        if self.kprpe is not None:
-            check_keypoints(keypoints, x.shape[0], self.num_keypoints, "swin(pos='kprpe')")
-            biases = list(self.kprpe(keypoints))
-        else:
-            biases = [None] * len(self.blocks)
-        for block, bias in zip(self.blocks, biases):
+        if self.kprpe is None:
+            for block in self.blocks:
+                x = block(x)
+            return x
+        check_keypoints(keypoints, x.shape[0], self.num_keypoints, "swin(pos='kprpe')")
+        # each block's windowed bias is built right before the block (one alive at a time)
+        for block, bias in zip(self.blocks, self.kprpe.iter_biases(keypoints)):
             x = block(x, bias)
         return x
 

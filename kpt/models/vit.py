@@ -22,7 +22,7 @@ kpt-specific names: ``abs_pos`` (absolute embedding), ``kprpe.linear`` (official
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from timm.layers import DropPath, Mlp, PatchEmbed, get_act_layer, trunc_normal_
@@ -240,20 +240,26 @@ class VisionTransformer(nn.Module):
         """Whether ``forward`` needs keypoints."""
         return self.kprpe is not None
 
-    def _layer_biases(self, keypoints: Tensor | None, batch_size: int) -> list[Tensor | None]:
-        """One additive attention bias per block: (B|1, H, N', N') or None (N' includes cls)."""
-        if self.kprpe is not None:
-            check_keypoints(keypoints, batch_size, self.num_keypoints, f"vit(pos={self.pos!r})")
-            biases = list(self.kprpe(keypoints))
-        elif self.rel_bias is not None:
-            biases = [module() for module in self.rel_bias]
-        else:
-            return [None] * self.depth
-        if self.num_prefix_tokens:
-            # The class token has no grid position: its row and column get a zero bias.
-            p = self.num_prefix_tokens
-            biases = [torch.nn.functional.pad(b, (p, 0, p, 0)) for b in biases]
-        return biases
+    def _layer_biases(self, keypoints: Tensor | None) -> Iterator[Tensor | None]:
+        """Yield one additive bias per block: (B|1, H, N', N') or None (N' includes cls).
+
+        KP-RPE biases come from :meth:`KeypointRPE.iter_biases`, built right before the block
+        that uses them, so only one (B, H, N, N) bias is alive at a time outside autograd.
+        """
+        kprpe_biases = self.kprpe.iter_biases(keypoints) if self.kprpe is not None else None
+        for layer in range(self.depth):
+            if kprpe_biases is not None:
+                bias = next(kprpe_biases)
+            elif self.rel_bias is not None:
+                bias = self.rel_bias[layer]()
+            else:
+                yield None
+                continue
+            if self.num_prefix_tokens:
+                # The class token has no grid position: its row and column get a zero bias.
+                p = self.num_prefix_tokens
+                bias = torch.nn.functional.pad(bias, (p, 0, p, 0))
+            yield bias
 
     def forward_features(self, images: Tensor, keypoints: Tensor | None = None) -> Tensor:
         """images (B, C, H, W), keypoints (B, K, 2) | None → tokens after the final norm (B, N', D).
@@ -261,13 +267,17 @@ class VisionTransformer(nn.Module):
         N' = N patch tokens (+1 leading class token when ``class_token``). float32 when
         ``final_norm_fp32``.
         """
+        if self.kprpe is not None:
+            check_keypoints(
+                keypoints, images.shape[0], self.num_keypoints, f"vit(pos={self.pos!r})"
+            )
         x = self.patch_embed(images)
         if self.abs_pos is not None:
             x = self.abs_pos(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = self.pos_drop(x)
-        for block, bias in zip(self.blocks, self._layer_biases(keypoints, images.shape[0])):
+        for block, bias in zip(self.blocks, self._layer_biases(keypoints)):
             x = block(x, bias)
         return final_norm(self.norm, x, self.final_norm_fp32)
 
