@@ -166,6 +166,7 @@ def test_kappaface_memory_and_psi_hand_computed():
     torch.testing.assert_close(head.memory[1], F.normalize(0.1 * old[1] + 0.9 * torch.tensor([0.0, 1.0]),
                                                            dim=0))
     torch.testing.assert_close(head.memory[0], old[0])
+    assert "memory" not in head.state_dict() and "psi" in head.state_dict()  # no 12 GB checkpoints
 
 
 def test_kappaface_external_statistics():
