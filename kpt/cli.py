@@ -293,13 +293,19 @@ def _domain_help(argv: list[str]) -> int | None:
     return 0
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions shown as one line (bad input), not as a traceback (a bug). Imported lazily so that
+    ``kpt --help`` does not import torch."""
+    errors: list[type[BaseException]] = [CliError, FileNotFoundError, FileExistsError]
+    for module, name in (("kpt.config", "ConfigError"), ("kpt.plugin", "PluginError"),
+                         ("kpt.registry", "RegistryError"), ("kpt.engine.checkpoint", "CheckpointError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kpt`` console script; returns the exit code."""
-    from kpt.config import ConfigError
-    from kpt.engine.checkpoint import CheckpointError
-    from kpt.plugin import PluginError
-    from kpt.registry import RegistryError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if not debug:
@@ -326,9 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_parser().print_help()
             return 0
         return handlers[args.command](args)
-    except (CliError, ConfigError, PluginError, CheckpointError, RegistryError, FileNotFoundError,
-            FileExistsError) as exc:
-        if debug:
+    except Exception as exc:
+        if debug or not isinstance(exc, _user_errors()):
             raise
         print(f"kpt: error: {exc}", file=sys.stderr)
         return 2

@@ -159,6 +159,9 @@ def save_weights(model: nn.Module, path: str | Path, plugin: str, config: dict, 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:  # safetensors writes by path: same tmp + fsync + replace as atomic_write
         save_model(model, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the writer creates 0600; give it the usual permissions
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
