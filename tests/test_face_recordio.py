@@ -150,3 +150,16 @@ def test_tinyface_folders(tmp_path):
     assert proto.read_image(proto.gallery_paths[0]).shape == (16, 16, 3)
     with pytest.raises(FileNotFoundError, match="TinyFace"):
         TinyFaceProtocol.from_folder(tmp_path / "Testing_Set" / "Probe")
+
+
+def test_image_records_with_label_arrays(tmp_path):
+    # some packs store each image's label as an array whose first element is the class id
+    jpeg = encode_image(_image(3, 16))
+    with RecordIOWriter(tmp_path / "train.rec", tmp_path / "train.idx") as w:
+        for key, label in ((1, 4.0), (2, 7.0)):
+            w.write(key, pack_record(IRHeader(0, np.array([label, 0.5]), key, 0), jpeg))
+    rec = InsightFaceRec(tmp_path)  # no key 0 and no property: every key is an image
+    assert rec.image_keys == [1, 2]
+    assert [rec[i][1] for i in range(2)] == [4, 7]
+    payload, label = rec.read_item(1)
+    assert bytes(payload) == jpeg and label == 7
