@@ -28,9 +28,10 @@ Shallow MNIST shape (B=128, H=4, N=100): gather on the contiguous table 1.4-1.6�
 Each layer's table is computed on its own by one broadcast matmul straight into the (B, H, N, nb)
 layout (:meth:`KeypointRPE.layer_bias`). Against the official order (one linear for all layers,
 then slice, transpose, gather) the whole module's forward+backward takes 0.28x the time for
-ViT-S (12 layers: the backward of each slice zero-fills the full (B, N, L·H·nb) table) and 0.49x
-for the 4-layer MNIST ViT (forward 0.69x / 0.94x); :meth:`KeypointRPE.iter_biases` lets a model build each
-(B, H, N, N) bias right before the block that uses it instead of holding all of them.
+ViT-S (12 layers; the backward of each slice zero-fills the full (B, N, L·H·nb) table) and
+0.49x for the 4-layer MNIST ViT (forward alone 0.69x and 0.94x). :meth:`KeypointRPE.iter_biases`
+lets a model build each (B, H, N, N) bias right before the block that uses it instead of
+holding all of them.
 """
 
 from __future__ import annotations
