@@ -55,7 +55,8 @@ def test_relative_position_bias_lookup_global_window_and_skip():
     with torch.no_grad():
         cls.lookup_table_bias.copy_(torch.arange(100.0).view(2, 50))
     out = cls()
-    assert out.shape == (1, 2, 10, 10) and out[0, 1, 0].eq(99).all() and out[0, 0, :, 0].eq(49).all()
+    assert out.shape == (1, 2, 10, 10)
+    assert out[0, 1, 0].eq(99).all() and out[0, 0, :, 0].eq(49).all()
 
 
 def test_contextual_rpe_matches_the_formula_and_is_zero_at_init():

@@ -32,8 +32,8 @@ def test_linear_size_zero_init_and_zero_bias(variant, out):
 def test_table_rows_ordered_layer_head_bucket():
     depth, heads, nb = 3, 2, 49
     rpe = KeypointRPE(2, heads, depth, (4, 5))
-    code = torch.tensor([[l * 1000 + h * 100 + m for h in range(heads) for m in range(nb)]
-                         for l in range(depth)], dtype=torch.float32).flatten()
+    code = torch.tensor([[layer * 1000 + h * 100 + m for h in range(heads) for m in range(nb)]
+                         for layer in range(depth)], dtype=torch.float32).flatten()
     with torch.no_grad():
         rpe.linear.bias.copy_(code)
     ids = bucket_ids(4, 5).float()
