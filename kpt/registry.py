@@ -236,6 +236,9 @@ REGISTRIES: dict[str, Registry] = {r.kind: r for r in (MODELS, HEADS, KEYPOINTS,
 
 def get_registry(kind: str, create_missing: bool = False) -> Registry:
     """Return the registry of ``kind``; plugins may declare new kinds (``create_missing=True``)."""
+    if kind not in REGISTRIES and not create_missing:  # a kind that only plugins declare
+        load_builtin_components()
+        load_plugin_components()
     if kind not in REGISTRIES:
         if not create_missing:
             raise RegistryError(f"unknown component kind {kind!r}.{did_you_mean(kind, REGISTRIES)} "

@@ -75,12 +75,12 @@ def _crashing(after_calls: int):
 
 @pytest.mark.parametrize("crash_after", [8, 6])  # mid-epoch 2 / right at the epoch boundary
 def test_resume_matches_uninterrupted_run(tmp_path, crash_after):
-    full = train(tiny.PLUGIN, _cfg("train.save_every=1"), tmp_path / "a")
+    full = train(tiny.PLUGIN, _cfg("train.save_every=2"), tmp_path / "a")
     with pytest.raises(_Crash):
-        train(_crashing(crash_after), _cfg("train.save_every=1"), tmp_path / "b")
+        train(_crashing(crash_after + 1), _cfg("train.save_every=2"), tmp_path / "b")
     ckpt = ckpt_io.load_checkpoint(tmp_path / "b" / "last.pt")
-    assert ckpt["step"] == crash_after
-    resumed = train(tiny.PLUGIN, _cfg("train.save_every=1"), tmp_path / "b",
+    assert ckpt["step"] == crash_after  # step crash_after + 1 was trained and logged, then lost
+    resumed = train(tiny.PLUGIN, _cfg("train.save_every=2"), tmp_path / "b",
                     resume=tmp_path / "b" / "last.pt")
     a = ckpt_io.load_checkpoint(tmp_path / "a" / "last.pt")
     b = ckpt_io.load_checkpoint(tmp_path / "b" / "last.pt")
@@ -92,6 +92,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, crash_after):
                                                   .read_text().splitlines()) if r["type"] == "train"}
     losses_b = {r["step"]: r["loss"] for r in map(json.loads, lines_b) if r["type"] == "train"}
     assert losses_a == losses_b
+    steps_b = [(r["type"], r["step"]) for r in map(json.loads, lines_b)]
+    assert len(steps_b) == len(set(steps_b))  # records of the lost step were not duplicated
 
 
 def test_resume_rejects_other_model_or_plugin(tmp_path):
@@ -141,6 +143,14 @@ def test_killed_while_saving_leaves_previous_checkpoint_loadable(tmp_path):
     assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.arange(1000.0))
     ckpt_io.save_checkpoint({"step": 3}, path)  # the next save cleans the dead writer's file
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_config_pickles_for_worker_processes():
+    import pickle
+
+    cfg = _cfg("train.lr=0.5")
+    back = pickle.loads(pickle.dumps(cfg))
+    assert back.to_dict() == cfg.to_dict() and back.train.lr == 0.5
 
 
 def test_checkpoints_load_with_weights_only(tmp_path):

@@ -121,3 +121,32 @@ def test_restricted_load_allows_arrays_and_rejects_code(tmp_path):
     path.write_bytes(b"garbage")
     with path.open("rb") as fh, pytest.raises(pickle.UnpicklingError, match="x.pkl"):
         restricted_load(fh, set(), str(path))
+
+
+def test_third_party_components_are_lazy_and_cannot_replace_builtins(monkeypatch, tmp_path):
+    import sys
+
+    module = tmp_path / "fake_components_plugin.py"
+    module.write_text(
+        "from kpt.plugin import Plugin\n"
+        "PLUGIN = Plugin(name='fakecomp', description='d', default_config={},\n"
+        "                build_data=print, build_model=print, training_step=print, evaluate=print,\n"
+        "                components={'widget': {'ordered': 'collections:OrderedDict'},\n"
+        "                            'head': {'adaface': 'collections:Counter'}})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugin_mod, "_entry_points",
+                        lambda: [_FakeEP("fakecomp", "fake_components_plugin:PLUGIN")])
+    plugin_mod.discover_plugins(refresh=True)
+    registry.reset()
+    try:
+        assert "ordered" in kpt.list("widget")["widget"]
+        assert isinstance(kpt.create("widget", "ordered"), dict)
+        conflicts = " ".join(registry.CONFLICTS)
+        assert "head 'adaface'" in conflicts and "kpt-plugin-fake" in conflicts
+        assert registry.HEADS.source("adaface") == "builtin plugin face"
+    finally:
+        monkeypatch.undo()
+        sys.modules.pop("fake_components_plugin", None)
+        plugin_mod.discover_plugins(refresh=True)
+        registry.reset()
+        registry.REGISTRIES.pop("widget", None)

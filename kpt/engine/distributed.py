@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -58,7 +59,10 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
         else:
             dev = torch.device("cpu")
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            # Evaluation runs on rank 0 while the others wait: allow long protocols (IJB, Gait3D).
+            minutes = float(os.environ.get("KPT_DIST_TIMEOUT_MIN", "180"))
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                    timeout=timedelta(minutes=minutes))
         return DistInfo(rank, world, local), dev
     if use_cuda:
         dev = torch.device(device if device.startswith("cuda") else "cuda")

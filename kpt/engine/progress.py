@@ -105,6 +105,14 @@ class MetricsLog:
     def __init__(self, path: Path | None) -> None:
         self.path = path
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (a resumed run logs them again)."""
+        if self.path is None or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return

@@ -148,6 +148,8 @@ class Trainer:
             self.ddp_model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.log = MetricsLog(out_dir / "metrics.jsonl" if info.is_main else None)
+        if resume is not None:
+            self.log.truncate_after(self.step)  # steps after the checkpoint are trained again
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
