@@ -129,4 +129,5 @@ class GaitLoss(nn.Module):
         tri, tri_logs = self.triplet(embeddings, labels)
         ce, ce_logs = self.ce(logits, labels)
         loss = self.triplet_weight * tri + self.ce_weight * ce
-        return loss, {"triplet": float(tri), "ce": float(ce), **tri_logs, **ce_logs}
+        logs = {"triplet": float(tri.detach()), "ce": float(ce.detach())}
+        return loss, {**logs, **tri_logs, **ce_logs}

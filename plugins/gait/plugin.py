@@ -1,0 +1,266 @@
+"""The gait plugin: SwinGait-2D (+ KP-RPE) on Gait3D or the synthetic walkers.
+
+``kpt train gait`` trains the reduced (CPU) model on the synthetic walkers;
+``kpt train gait --data gait3d --data-root DIR`` the paper's model and schedule on a tree made by
+``kpt data prepare gait3d``. Evaluation is OpenGait's Gait3D protocol through
+:func:`kpt.metrics.retrieval` (probe set from the split json, mean of per-part Euclidean
+distances, probes without a gallery match skipped): rank1, rank5, rank10, mAP, mINP in percent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from kpt_plugins.gait.data import (
+    GaitClipDataset,
+    GaitDataError,
+    GaitSequenceDataset,
+    read_split,
+    scan_layout,
+)
+from kpt_plugins.gait.gait3d_prepare import PREPARE_HELP, prepare_main, validate_main
+from kpt_plugins.gait.losses import GaitLoss
+from kpt_plugins.gait.model import SwinGait2D
+from kpt_plugins.gait.synthetic import SyntheticSpec, ensure_synthetic, generate
+from kpt_plugins.gait.transforms import GaitTransform
+from torch import Tensor, nn
+
+from kpt.config import load_yaml
+from kpt.plugin import Plugin, TaskData
+
+logger = logging.getLogger(__name__)
+
+CONFIG_PATH = Path(__file__).with_name("config.yaml")
+
+#: Model presets. ``paper``: reference gait.md 1.2 (OpenGait sizes). ``cpu``: the same design,
+#: narrow and shallow, for the offline synthetic run on a laptop CPU.
+PRESETS: dict[str, dict] = {
+    "paper": {"channels": (64, 128), "embed_dim": 256, "depths": (4, 2),
+              "num_heads": (16, 32), "embedding_dim": 256, "parts": 16},
+    "cpu": {"channels": (8, 16), "embed_dim": 32, "depths": (2, 1), "num_heads": (2, 4),
+            "embedding_dim": 32, "parts": 15},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# config profile
+# --------------------------------------------------------------------------------------------
+def apply_profile(cfg) -> None:
+    """Applies ``profiles.<data.name>`` to every key still at this plugin's default value.
+
+    The plugin defaults are sized for the synthetic CPU run; ``--data gait3d`` needs the paper's
+    schedule. Keys the user changed (``--config``, ``key=value``) keep their value; every key a
+    profile sets must have a plugin default in config.yaml (so "unchanged" is decidable).
+    """
+    profiles = cfg["profiles"] if _has(cfg, "profiles") else {}
+    if cfg.data.name not in profiles:
+        return
+    defaults = load_yaml(CONFIG_PATH)
+    flat_profile = _flatten(profiles[cfg.data.name].to_dict())
+    flat_defaults = _flatten({k: v for k, v in defaults.items() if k != "profiles"})
+    for key, value in flat_profile.items():
+        if key not in flat_defaults:
+            raise KeyError(f"{CONFIG_PATH}: profile key {key!r} has no plugin default")
+        if cfg[key] == flat_defaults[key]:
+            cfg.set(key, value, f"profile {cfg.data.name!r}")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _has(cfg, dotted: str) -> bool:
+    try:
+        cfg[dotted]
+    except KeyError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+def _data_root(cfg) -> Path:
+    """The prepared tree for ``cfg.data``; generates the synthetic walkers when needed."""
+    name, root = cfg.data.name, str(cfg.data.root)
+    if name == "gait3d":
+        if not root:
+            raise GaitDataError(f"--data gait3d needs --data-root DIR.\n{PREPARE_HELP}")
+        path = Path(root).expanduser()
+        if not (path / cfg.data.split).is_file():
+            raise GaitDataError(f"{path}: no prepared Gait3D tree ({cfg.data.split} missing).\n"
+                                f"{PREPARE_HELP}")
+        return path
+    if name != "synthetic":
+        raise GaitDataError(f"unknown gait dataset {name!r}; use synthetic or gait3d")
+    spec = synthetic_spec(cfg)
+    if root:
+        path = Path(root).expanduser()
+        if (path / cfg.data.split).is_file():
+            return path
+        return ensure_synthetic(path, spec)
+    cache = cfg.data.cache_dir or os.environ.get("KPT_CACHE", "~/.cache/kpt")
+    return ensure_synthetic(Path(cache).expanduser(), spec)
+
+
+def synthetic_spec(cfg) -> SyntheticSpec:
+    d = cfg.data
+    return SyntheticSpec(num_train=d.synthetic_train_ids, num_test=d.synthetic_test_ids,
+                         seqs_per_id=d.synthetic_seqs, frames=d.synthetic_frames,
+                         seed=d.synthetic_seed)
+
+
+def _pk_sampler_factory(k: int):
+    def factory(dataset, batch_size: int, seed: int, rank: int, world_size: int):
+        from kpt.data.samplers import PKBatchSampler
+
+        if batch_size % k:
+            raise ValueError(f"train.batch_size {batch_size} must be a multiple of data.k={k}")
+        return PKBatchSampler(dataset.labels, batch_size // k, k, seed=seed, rank=rank,
+                              world_size=world_size)
+    return factory
+
+
+def build_data(cfg) -> TaskData:
+    """Training clips + the test sequences (probe set from the split json)."""
+    apply_profile(cfg)
+    root = _data_root(cfg)
+    split = read_split(root / cfg.data.split)
+    train_records = scan_layout(root, split.train_ids)
+    test_records = scan_layout(root, split.test_ids)
+    if not train_records or not test_records:
+        raise GaitDataError(f"{root}: the split names {len(split.train_ids)} train / "
+                            f"{len(split.test_ids)} test ids but {len(train_records)} / "
+                            f"{len(test_records)} sequences were found.\n{PREPARE_HELP}")
+    p = cfg.data.aug_prob
+    size = {"cut": cfg.data.cut, "downsample": cfg.data.downsample}
+    train_tf = GaitTransform(train=True, p_perspective=p, p_flip=p, p_rotate=p, **size)
+    test_tf = GaitTransform(train=False, **size)
+    train = GaitClipDataset(train_records, train_tf, cfg.data.frames, cfg.data.skip,
+                            seed=cfg.train.seed, cache=cfg.data.cache)
+    test = GaitSequenceDataset(test_records, test_tf, split.probe_set, cfg.data.max_eval_frames)
+    info = {"num_classes": len(train.label_names), "dataset": cfg.data.name,
+            "num_train_sequences": len(train), "num_test_sequences": len(test),
+            "num_probes": sum(r.key in split.probe_set for r in test_records)}
+    return TaskData(train=train, evals={cfg.data.name: test}, info=info,
+                    batch_sampler=_pk_sampler_factory(cfg.data.k))
+
+
+# --------------------------------------------------------------------------------------------
+# model, step, evaluation
+# --------------------------------------------------------------------------------------------
+def model_kwargs(cfg, num_classes: int) -> dict:
+    """SwinGait2D keyword arguments for ``cfg.model`` (preset resolved)."""
+    preset = cfg.model.preset
+    if preset == "auto":
+        preset = "paper" if cfg.data.name == "gait3d" else "cpu"
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset {preset!r}: use auto, {', '.join(PRESETS)}")
+    kwargs = dict(PRESETS[preset])
+    if cfg.model.parts:
+        kwargs["parts"] = cfg.model.parts
+    return dict(kwargs, pos=cfg.model.pos, num_classes=num_classes,
+                drop_path_rate=cfg.model.drop_path_rate)
+
+
+def build_model(cfg, info: dict) -> nn.Module:
+    model = SwinGait2D(**model_kwargs(cfg, int(info["num_classes"])))
+    model.lr_scale_prefixes = {p: cfg.model.stem_head_lr_mult
+                               for p in ("layer0.", "layer1.", "layer2.", "fcs.", "bnneck.")}
+    return model
+
+
+def training_step(model: nn.Module, batch: dict, cfg) -> tuple[Tensor, dict[str, float]]:
+    """Batch: image (n, T, H, W), keypoints (n, T, 17, 2), label (n,) -> triplet + CE."""
+    out = model(batch["image"], batch["keypoints"])
+    criterion = GaitLoss(cfg.loss.margin, cfg.loss.ce_scale, cfg.loss.label_smoothing,
+                         cfg.loss.triplet_weight, cfg.loss.ce_weight)
+    return criterion(out["embeddings"], out["logits"], batch["label"])
+
+
+@torch.no_grad()
+def embed_sequences(model: nn.Module, dataset: GaitSequenceDataset, device: torch.device,
+                    batch_size: int = 8) -> tuple[Tensor, list[str], list[bool]]:
+    """Embeds every sequence (all frames; equal-length sequences share a batch).
+
+    Returns:
+        features (N, P, E) float32 on CPU (parts first, as :func:`kpt.metrics.retrieval` expects),
+        labels and probe flags in dataset order.
+    """
+    was_training = model.training
+    model.eval()
+    items = [dataset[i] for i in range(len(dataset))]
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        by_len[item["image"].shape[0]].append(i)
+    feats: list[Tensor | None] = [None] * len(items)
+    for idx in by_len.values():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start:start + batch_size]
+            images = torch.stack([items[i]["image"] for i in chunk]).to(device)
+            keypoints = torch.stack([items[i]["keypoints"] for i in chunk]).to(device)
+            emb = model(images, keypoints)["embeddings"].float().cpu()  # (b, E, P)
+            for i, e in zip(chunk, emb):
+                feats[i] = e.transpose(0, 1)
+    model.train(was_training)
+    return (torch.stack(feats), [it["label"] for it in items], [bool(it["probe"]) for it in items])
+
+
+def evaluate(model: nn.Module, data: TaskData, cfg, device: torch.device) -> dict[str, float]:
+    """OpenGait's Gait3D evaluation on every eval set; the first set's metrics are unprefixed."""
+    from kpt.metrics import retrieval
+
+    model = getattr(model, "module", model)
+    results: dict[str, float] = {}
+    for n, (name, dataset) in enumerate(data.evals.items()):
+        feats, labels, probe = embed_sequences(model, dataset, device, cfg.eval.batch_size)
+        is_probe = torch.tensor(probe)
+        if not is_probe.any():
+            raise GaitDataError(f"eval set {name!r}: no sequence of the probe set was found")
+        label_ids = {lab: i for i, lab in enumerate(sorted(set(labels)))}
+        lab = torch.tensor([label_ids[x] for x in labels])
+        metrics = retrieval(feats[is_probe], lab[is_probe], feats[~is_probe], lab[~is_probe],
+                            ranks=(1, 5, 10), metric=cfg.eval.metric)
+        prefix = "" if n == 0 else f"{name}/"
+        results.update({f"{prefix}{k}": float(v) for k, v in metrics.items()})
+    return results
+
+
+def _synthetic_get(argv: list[str]) -> int:
+    """``kpt data get synthetic [--dst DIR]``: writes the default synthetic walkers."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="kpt data get synthetic")
+    parser.add_argument("--dst", type=Path, required=True)
+    args = parser.parse_args(argv[1:] if argv and argv[0] in ("synthetic", "gait") else argv)
+    generate(args.dst)
+    print(f"wrote synthetic walkers to {args.dst}")
+    return 0
+
+
+PLUGIN = Plugin(
+    name="gait",
+    description="Gait recognition: SwinGait-2D + KP-RPE (17 joints) on Gait3D or synthetic walkers",
+    default_config="config.yaml",
+    build_data=build_data,
+    build_model=build_model,
+    training_step=training_step,
+    evaluate=evaluate,
+    datasets=("synthetic", "gait3d"),
+    commands={"data prepare": prepare_main, "data validate": validate_main,
+              "data get": _synthetic_get},
+    primary_metric="rank1",
+    check_config={"data.synthetic_train_ids": 4, "data.synthetic_test_ids": 3,
+                  "data.synthetic_seqs": 2, "data.synthetic_frames": 12, "data.frames": 8,
+                  "data.k": 2, "train.batch_size": 4, "model.drop_path_rate": 0.0},
+)
