@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from kpt.registry import create, create_model, list, list_models
+from kpt.registry import create, create_model, list_models
+from kpt.registry import list as list  # noqa: A004 - kpt.list is public API (DESIGN §4)
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "create", "create_model", "list", "list_models", "load_model"]
+# `list` stays out of __all__: a star import must not shadow the builtin (use kpt.list).
+__all__ = ["__version__", "create", "create_model", "list_models", "load_model"]
 
 
 def load_model(path: str, map_location: str = "cpu") -> Any:

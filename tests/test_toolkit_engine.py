@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import toolkit_tiny_plugin as tiny
@@ -122,27 +123,38 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
-def test_killed_while_saving_leaves_previous_checkpoint_loadable(tmp_path):
-    path = tmp_path / "last.pt"
-    ckpt_io.save_checkpoint({"step": 1, "w": torch.arange(1000.0)}, path)
+def test_run_killed_while_saving_resumes_from_previous_checkpoint(tmp_path):
+    """A training process SIGKILLed in the middle of writing last.pt (step 4): the file on disk is still
+    the step-2 checkpoint, and resuming from it ends with the weights of an uninterrupted run."""
+    out = tmp_path / "killed"
     script = textwrap.dedent(f"""
-        import os, signal, torch
-        from kpt.engine import checkpoint as c
-        def killed(obj, fh):
-            fh.write(b"x" * 4096)
-            fh.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        torch.save = killed
-        c.save_checkpoint({{"step": 2}}, {str(path)!r})
+        import os, signal, sys, torch
+        sys.path.insert(0, {str(Path(tiny.__file__).parent)!r})
+        import toolkit_tiny_plugin as tiny
+        from kpt.config import build_config
+        from kpt.engine.trainer import train
+        real_save = torch.save
+        def save(obj, fh):
+            if obj.get("step") == 4 and ".last.pt.tmp" in fh.name:
+                fh.write(b"x" * 4096)
+                fh.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_save(obj, fh)
+        torch.save = save
+        torch.set_num_threads(1)
+        train(tiny.PLUGIN, build_config(tiny.PLUGIN, overrides=["train.save_every=2"]), {str(out)!r})
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120,
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300,
                           check=False)
-    assert proc.returncode == -signal.SIGKILL
-    assert any(p.name.startswith(".last.pt.tmp-") for p in tmp_path.iterdir())  # the torn write
-    loaded = ckpt_io.load_checkpoint(path)
-    assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.arange(1000.0))
-    ckpt_io.save_checkpoint({"step": 3}, path)  # the next save cleans the dead writer's file
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert any(p.name.startswith(".last.pt.tmp-") for p in out.iterdir())  # the torn write
+    assert ckpt_io.load_checkpoint(out / "last.pt")["step"] == 2
+    train(tiny.PLUGIN, _cfg("train.save_every=2"), out, resume=out / "last.pt")
+    assert not any(p.name.startswith(".last.pt.tmp-") for p in out.iterdir())  # cleaned up
+    train(tiny.PLUGIN, _cfg("train.save_every=2"), tmp_path / "full")
+    a = ckpt_io.load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = ckpt_io.load_checkpoint(out / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_config_pickles_for_worker_processes():
