@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from kpt.registry import create, create_model, list_models
-from kpt.registry import list as list  # noqa: A004 - kpt.list is public API (DESIGN §4)
+from kpt.registry import list as list  # explicit re-export: kpt.list is public API (DESIGN §4)
 
 __version__ = "0.1.0"
 # `list` stays out of __all__: a star import must not shadow the builtin (use kpt.list).
