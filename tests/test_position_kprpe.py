@@ -205,3 +205,17 @@ def test_iter_biases_is_lazy_and_equals_forward():
     first = next(lazy)
     assert torch.equal(first, rpe(kp)[0])
     assert all(torch.equal(a, b) for a, b in zip(lazy, rpe(kp)[1:]))
+
+
+@pytest.mark.parametrize("method,nb", [("euclidean", 7), ("cross", 14)])
+def test_other_bucket_methods(method, nb):
+    rpe = randomise(KeypointRPE(2, 2, 1, (3, 4), method=method))
+    assert rpe.linear.out_features == 2 * nb
+    kp = torch.rand(2, 2, 2)
+    table = rpe.tables(kp).view(2, 12, 2, nb)
+    bias = rpe(kp)[0]
+    ids = bucket_ids(3, 4, method)
+    i, j = 5, 10
+    expected = table[:, i, :, ids[..., i, j]]
+    expected = expected.sum(-1) if method == "cross" else expected
+    assert torch.allclose(bias[:, :, i, j], expected, atol=1e-6)
