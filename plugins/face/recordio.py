@@ -52,6 +52,7 @@ _FLAG_LABEL = struct.Struct("<If")
 _FLOAT = struct.Struct("<f")
 _CHUNK = struct.Struct("<II")
 _RGB_FLAG = getattr(cv2, "IMREAD_COLOR_RGB", None)
+_DECODE_FLAG = cv2.IMREAD_COLOR if _RGB_FLAG is None else _RGB_FLAG
 # float32 holds integers exactly only up to 2**24: larger identity ranges are unreliable.
 _FLOAT32_EXACT = 1 << 24
 
@@ -201,6 +202,7 @@ class RecordIOReader:
         return list(self.offsets)
 
     def _handle(self):
+        # reopen in a forked DataLoader worker: a shared file position would race
         if self._file is None or self._pid != os.getpid():
             self._file = open(self.rec_path, "rb", buffering=0)  # noqa: SIM115 (held until close())
             self._pid = os.getpid()
@@ -247,6 +249,28 @@ class RecordIOReader:
                 return b"".join(parts)
             parts.append(_MAGIC_BYTES)  # cflag 1 or 2: the writer dropped a magic here
 
+    def locate(self, key: int) -> tuple[bytes | mmap.mmap, int, int]:
+        """Where record ``key`` lies, without copying it: (buffer, start, end).
+
+        For an unsplit record this is the memory map itself (``buffer[start:end]`` is the
+        record); otherwise the reassembled bytes with (0, len).
+        """
+        try:
+            offset = self.offsets[key]
+        except KeyError:
+            raise KeyError(f"{self.idx_path}: no record with key {key}") from None
+        mm = self._map if self._pid == os.getpid() else None
+        if mm is None:
+            self._handle()
+            mm = self._map
+        if mm is not None and offset + 8 <= len(mm):
+            magic, lrec = _CHUNK.unpack_from(mm, offset)
+            end = offset + 8 + (lrec & _LEN_MASK)
+            if magic == MAGIC and lrec >> 29 == 0 and end <= len(mm):
+                return mm, offset + 8, end
+        record = self.read_at(offset, key)
+        return record, 0, len(record)
+
     def read(self, key: int) -> bytes:
         """Record bytes (IRHeader + payload) of ``key``."""
         try:
@@ -260,7 +284,10 @@ class RecordIOReader:
 
     def close(self) -> None:
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:  # an array still views the map; it is freed with that array
+                pass
             self._map = None
         if self._file is not None:
             self._file.close()
@@ -337,36 +364,38 @@ class InsightFaceRec:
     def __len__(self) -> int:
         return len(self.image_keys)
 
+    def _locate(self, index: int) -> tuple[bytes | mmap.mmap, int, int, int]:
+        """(buffer, image start, image end, label) of image ``index``: the hot path of every read.
+
+        Nothing is copied: the JPEG bytes are decoded straight from the memory-mapped file.
+        """
+        key = self.image_keys[index]
+        buf, start, end = self.reader.locate(key)
+        if end - start < _HEADER.size:
+            unpack_record(bytes(buf[start:end]), f"{self.reader.rec_path} key {key}")  # raises
+        flag, label = _FLAG_LABEL.unpack_from(buf, start)
+        image_start = start + _HEADER.size + 4 * flag
+        if flag:  # label array: the class id is its first element
+            if image_start > end:
+                unpack_record(bytes(buf[start:end]), f"{self.reader.rec_path} key {key}")
+            label = _FLOAT.unpack_from(buf, start + _HEADER.size)[0]
+        return buf, image_start, end, int(label)
+
     def read_item(self, index: int) -> tuple[bytes, int]:
         """(encoded image bytes, integer label) of the ``index``-th image."""
-        record, start, label = self._locate(index)
-        return record[start:], label
-
-    def _locate(self, index: int) -> tuple[bytes, int, int]:
-        """(record bytes, offset of the image bytes, label); the hot path of every read."""
-        key = self.image_keys[index]
-        record = self.reader.read(key)
-        if len(record) < _HEADER.size:
-            unpack_record(record, f"{self.reader.rec_path} key {key}")  # raises a clear error
-        flag, label = _FLAG_LABEL.unpack_from(record)
-        start = _HEADER.size + 4 * flag
-        if flag:  # label array: the class id is its first element
-            if len(record) < start:
-                unpack_record(record, f"{self.reader.rec_path} key {key}")
-            label = _FLOAT.unpack_from(record, _HEADER.size)[0]
-        return record, start, int(label)
+        buf, start, end, label = self._locate(index)
+        return bytes(buf[start:end]), label
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         """(H, W, 3) uint8 RGB image and its integer label."""
-        record, start, label = self._locate(index)
-        buf = np.frombuffer(record, np.uint8, offset=start)  # no copy of the JPEG bytes
-        try:
-            return decode_image(buf), label
-        except RecordIOError:
+        buf, start, end, label = self._locate(index)
+        img = cv2.imdecode(np.frombuffer(buf, np.uint8, end - start, start), _DECODE_FLAG)
+        if img is None:
             raise RecordIOError(
                 f"{self.reader.rec_path} image {index} (key {self.image_keys[index]}): the image "
-                f"bytes do not decode ({len(buf)} bytes)"
-            ) from None
+                f"bytes do not decode ({end - start} bytes)"
+            )
+        return (img if _RGB_FLAG is not None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)), label
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
         for i in range(len(self)):
