@@ -342,7 +342,8 @@ def build_config(plugin: Plugin, config_files: Iterable[str | Path] = (),
     if test is not None:
         test = [str(t) for t in test]
         for name in test:
-            if known and name not in known:
+            is_path = Path(name).exists() or "/" in name or "\\" in name  # e.g. a .bin pair file
+            if known and name not in known and not is_path:
                 raise ConfigError(f"--test {name!r}: plugin {plugin.name!r} knows no such dataset."
                                   f"{did_you_mean(name, known)} Datasets: {', '.join(known)}")
         cfg.set("eval.test", test, "--test")

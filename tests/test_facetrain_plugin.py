@@ -1,0 +1,95 @@
+"""`kpt train face` smoke run, `kpt eval face` on a written .bin, `kpt predict face`, plugin check."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from kpt_plugins.face.bin_pairs import write_bin
+from kpt_plugins.face.synthetic_dataset import synthetic_pairs
+
+import kpt
+from kpt.cli import main
+
+TINY = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "model.embedding_size=16",
+        "data.num_identities=6", "data.images_per_identity=4", "train.batch_size=8",
+        "train.epochs=0", "train.max_steps=10", "train.log_every=5",
+        "eval.synthetic_pairs=20", "eval.unaligned_keypoints=ground_truth"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 10-step run of `kpt train face` with a tiny ViT on a tiny synthetic set."""
+    out = tmp_path_factory.mktemp("run")
+    torch.set_num_threads(1)
+    assert main(["train", "face", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_train_smoke_writes_aligned_and_unaligned_accuracy(trained):
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["step"] == 10
+    for key in ("aligned_accuracy", "unaligned_accuracy", "accuracy"):
+        assert 0.0 <= summary[key] <= 1.0
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["type"] == "train"]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    model = kpt.load_model(str(trained / "weights.safetensors"))
+    assert model.backbone.uses_keypoints and model.backbone.pos == "abs+kprpe"
+
+
+def test_eval_on_written_bin(trained, tmp_path, capsys):
+    pairs, _ = synthetic_pairs(10, "aligned", seed=3)
+    path = tmp_path / "tiny_lfw.bin"
+    write_bin(path, pairs.images.permute(0, 2, 3, 1).numpy(), pairs.issame.numpy())
+    out = tmp_path / "eval"
+    code = main(["eval", "face", "--weights", str(trained / "weights.safetensors"), "--test",
+                 str(path), "--keypoints", "template", "--out", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["tiny_lfw/accuracy"] <= 1.0
+    assert "tiny_lfw" in capsys.readouterr().out
+
+
+def test_predict_two_images(trained, tmp_path, capsys):
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    face = skimage_data.astronaut()
+    Image.fromarray(face).save(tmp_path / "a.png")
+    shifted = np.roll(face[:, ::-1], (20, -15), axis=(0, 1))  # mirrored and shifted copy
+    Image.fromarray(np.ascontiguousarray(shifted)).save(tmp_path / "b.png")
+    Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(tmp_path / "blank.png")
+    weights = str(trained / "weights.safetensors")
+    assert main(["predict", "face", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
+                 "--weights", weights, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert -1.0 <= result["similarity"] <= 1.0 and min(result["face_scores"]) > 0.5
+    assert main(["predict", "face", str(tmp_path / "a.png"), str(tmp_path / "blank.png"),
+                 "--weights", weights]) == 1
+    assert "no face found" in capsys.readouterr().err
+
+
+def test_plugins_check_face(capsys):
+    assert main(["plugins", "check", "face"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+
+
+def test_eval_accepts_a_bare_backbone_file(tmp_path):
+    """`kpt convert cvlface` writes bare backbones: eval/predict take them like run weights."""
+    from kpt.models import save_model
+
+    torch.manual_seed(0)
+    backbone = kpt.create_model("vit", img_size=112, patch_size=28, embed_dim=16, depth=1,
+                                num_heads=2, num_classes=8, pos="abs+kprpe", head="flatten_bn")
+    path = save_model(backbone, tmp_path / "converted.safetensors")
+    pairs, _ = synthetic_pairs(10, "aligned", seed=4)
+    bin_path = tmp_path / "tiny.bin"
+    write_bin(bin_path, pairs.images.permute(0, 2, 3, 1).numpy(), pairs.issame.numpy(),
+              as_bytes=False)
+    out = tmp_path / "eval"
+    assert main(["eval", "face", str(path), "--test", str(bin_path), "--keypoints", "template",
+                 "--out", str(out)]) == 0
+    assert 0.0 <= json.loads((out / "metrics.json").read_text())["tiny/accuracy"] <= 1.0
