@@ -1,4 +1,4 @@
-"""Convert official CVLface ViT-KPRPE checkpoints into kpt model files.
+"""Convert official CVLface ViT-KPRPE (and Swin-V2-KPRPE) checkpoints into kpt model files.
 
 ``kpt convert cvlface SRC DST`` calls :func:`convert_cvlface`. The source is a state dict as written
 by CVLface: research ``model.pt`` (keys ``net.…``) or the Hugging Face ``model.safetensors`` (keys
@@ -75,15 +75,9 @@ def strip_prefix(state: dict[str, Tensor], source: str = "checkpoint") -> dict[s
     """Remove the ``model.net.`` / ``net.`` prefix, dropping keys outside the backbone.
 
     Raises:
-        ConversionError: no ``patch_embed.proj.weight`` under any known prefix, or a Swin
-            checkpoint (not supported by this converter).
+        ConversionError: no ``patch_embed.proj.weight`` under any known prefix.
     """
     for prefix in PREFIXES:
-        if f"{prefix}features.0.0.weight" in state:
-            raise ConversionError(
-                f"{source}: this is a Swin-KPRPE checkpoint ('{prefix}features.…'); only ViT-KPRPE "
-                "checkpoints are converted."
-            )
         if f"{prefix}patch_embed.proj.weight" in state:
             inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             dropped = len(state) - len(inner)
@@ -213,30 +207,15 @@ def map_vit_keys(state: dict[str, Tensor], target_keys: list[str]) -> dict[str, 
     return out
 
 
-def convert_cvlface_state_dict(
-    state: dict[str, Tensor], source: str = "checkpoint", **overrides: Any
-):
-    """Build the kpt ViT for an official (prefixed or not) state dict and load its weights.
-
-    Args:
-        state: official state dict. source: name for messages.
-        **overrides: ``num_heads`` / ``rpe_ratio`` for :func:`infer_vit_config`.
-    Returns:
-        The kpt model (eval mode, ``kpt_spec`` set), weights loaded strictly.
-    """
-    from kpt.models.presets import build
-
-    inner = strip_prefix(state, source)
-    cfg = infer_vit_config(inner, source, **overrides)
-    model = build("vit", **cfg)
+def _check_and_load(model, mapped: dict[str, Tensor], cfg: dict, source: str):
+    """Load ``mapped`` into ``model`` after checking key sets and shapes (clear errors)."""
     target = model.state_dict()
-    mapped = map_vit_keys(inner, list(target))
     missing = sorted(set(target) - set(mapped))
     unexpected = sorted(set(mapped) - set(target))
     if missing or unexpected:
         raise ConversionError(
-            f"{source}: keys do not match the inferred architecture {cfg}: missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}."
+            f"{source}: keys do not match the inferred architecture {cfg}: missing "
+            f"{missing[:8]}, unexpected {unexpected[:8]}."
         )
     for key, value in mapped.items():
         if tuple(value.shape) != tuple(target[key].shape):
@@ -245,17 +224,47 @@ def convert_cvlface_state_dict(
                 f"{tuple(target[key].shape)}."
             )
     model.load_state_dict({k: v.to(target[k].dtype) for k, v in mapped.items()}, strict=True)
-    logger.info("%s: converted ViT-KPRPE %s", source, cfg)
+    logger.info("%s: converted %s", source, cfg)
     return model.eval()
 
 
+def convert_cvlface_state_dict(
+    state: dict[str, Tensor], source: str = "checkpoint", **overrides: Any
+):
+    """Build the kpt model for an official (prefixed or not) state dict and load its weights.
+
+    ViT-KPRPE (``patch_embed.…``) and Swin-V2-KPRPE (``features.…``, :mod:`kpt.convert_swin`)
+    are recognised by their keys.
+
+    Args:
+        state: official state dict. source: name for messages.
+        **overrides: ViT: ``num_heads`` / ``rpe_ratio``; Swin: ``img_size``.
+    Returns:
+        The kpt model (eval mode, ``kpt_spec`` set), weights loaded strictly.
+    """
+    from kpt import convert_swin
+    from kpt.models.presets import build
+
+    swin_prefix = convert_swin.find_swin_prefix(state)
+    if swin_prefix is not None:
+        net, kprpe = convert_swin.split_swin_state(state, swin_prefix)
+        cfg = convert_swin.infer_swin_config(net, kprpe, source, **overrides)
+        model = build("swin", **cfg)
+        return _check_and_load(model, convert_swin.map_swin_keys(net, kprpe), cfg, source)
+    inner = strip_prefix(state, source)
+    cfg = infer_vit_config(inner, source, **overrides)
+    model = build("vit", **cfg)
+    return _check_and_load(model, map_vit_keys(inner, list(model.state_dict())), cfg, source)
+
+
 def convert_cvlface(src: str | Path, dst: str | Path, **overrides: Any) -> Path:
-    """Convert an official CVLface ViT-KPRPE checkpoint to a kpt model file.
+    """Convert an official CVLface ViT-KPRPE or Swin-V2-KPRPE checkpoint to a kpt model file.
 
     Args:
         src: ``model.pt`` (``net.`` keys) or ``model.safetensors`` (``model.net.`` keys).
         dst: output file, ``.safetensors`` (default when no suffix) or ``.pt``.
-        **overrides: ``num_heads`` / ``rpe_ratio`` when they cannot be read from the shapes.
+        **overrides: ViT ``num_heads`` / ``rpe_ratio``, Swin ``img_size``, when they cannot be
+            read from the shapes.
     Returns:
         The written path; ``kpt.load_model(path)`` rebuilds the model.
     """

@@ -198,7 +198,7 @@ def test_converted_equals_direct_mapping(tmp_path):
 def test_bad_sources_are_rejected(tmp_path):
     swin = {"net.features.0.0.weight": torch.zeros(1)}
     torch.save(swin, tmp_path / "swin.pt")
-    with pytest.raises(ConversionError, match="Swin"):
+    with pytest.raises(ConversionError, match="features.0.0.weight"):
         convert_cvlface(tmp_path / "swin.pt", tmp_path / "out.safetensors")
     torch.save({"foo": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ConversionError, match="patch_embed.proj.weight"):
@@ -210,3 +210,59 @@ def test_bad_sources_are_rejected(tmp_path):
         convert_cvlface(tmp_path / "broken.pt", tmp_path / "out.safetensors")
     with pytest.raises(ConversionError, match="no such file"):
         convert_cvlface(tmp_path / "missing.pt", tmp_path / "out.safetensors")
+
+
+def official_swin_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A kpt Swin-V2-KPRPE state dict rewritten into the official flat-``features`` layout
+    (reference kprpe.md §5): stem ``features.0.{0,2}``, blocks and merges numbered in order,
+    ``mlp.{0,3}``, unused window buffers, and top-level ``keypoint_linear.{stage}``."""
+    sd = model.state_dict()
+    out = {}
+    for src, dst in (("patch_embed.proj.", "net.features.0.0."), ("patch_embed.norm.",
+                                                                  "net.features.0.2.")):
+        out.update({dst + k[len(src):]: v for k, v in sd.items() if k.startswith(src)})
+    index = 1
+    for s, stage in enumerate(model.stages):
+        for b in range(len(stage.blocks)):
+            src = f"stages.{s}.blocks.{b}."
+            for key, value in sd.items():
+                if key.startswith(src):
+                    rest = key[len(src):].replace("mlp.fc1.", "mlp.0.")
+                    rest = rest.replace("mlp.fc2.", "mlp.3.")
+                    out[f"net.features.{index}.{rest}"] = value
+            out[f"net.features.{index}.attn.relative_coords_table"] = torch.zeros(1, 9, 9, 2)
+            out[f"net.features.{index}.attn.relative_position_index"] = torch.zeros(625).long()
+            index += 1
+        if s < len(model.merges):
+            for key, value in sd.items():
+                if key.startswith(f"merges.{s}."):
+                    out[f"net.features.{index}.{key[len(f'merges.{s}.'):]}"] = value
+            index += 1
+    out.update({"net." + k: v for k, v in sd.items() if k.startswith(("norm.", "feature."))})
+    out.update({f"keypoint_linear.{s}.{k[len(f'stages.{s}.kprpe.linear.'):]}": v
+                for s in range(len(model.stages)) for k, v in sd.items()
+                if k.startswith(f"stages.{s}.kprpe.linear.")})
+    return out
+
+
+def test_swin_kprpe_conversion(tmp_path):
+    torch.manual_seed(0)
+    model = kpt.create_model(
+        "swin", img_size=112, patch_size=8, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+        window_size=5, style="v2", pos="kprpe", num_classes=12, head="flatten_bn",
+    ).eval()
+    with torch.no_grad():
+        for s in model.stages:
+            s.kprpe.linear.weight.normal_(0, 1.0)
+            s.kprpe.linear.bias.normal_(0, 1.0)
+    sd = official_swin_state_dict(model)
+    src = tmp_path / "s.safetensors"
+    save_file({"model." + k: v.contiguous() for k, v in sd.items()}, str(src))
+    converted = load_model(convert_cvlface(src, tmp_path / "k.safetensors"))
+    kwargs = converted.kpt_spec["kwargs"]
+    assert kwargs["depths"] == [2, 2] and kwargs["num_heads"] == [2, 4]
+    assert kwargs["window_size"] == 5 and kwargs["patch_size"] == 8 and kwargs["embed_dim"] == 16
+    assert kwargs["style"] == "v2" and kwargs["pos"] == "kprpe" and kwargs["num_classes"] == 12
+    images, keypoints = torch.randn(2, 3, 112, 112), torch.rand(2, 5, 2)
+    with torch.no_grad():
+        assert torch.equal(converted(images, keypoints), model(images, keypoints))
