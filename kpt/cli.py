@@ -187,8 +187,14 @@ def _evaluate_checkpoint(plugin: object, ns: argparse.Namespace) -> int:
 
 
 def _dispatch(domain: str, command: str, rest: Sequence[str]) -> int:
-    from kpt.plugin import load_plugin
+    from kpt.plugin import discover_plugins, list_plugins, load_plugin
 
+    if command.startswith("data ") and domain not in discover_plugins():
+        # `kpt data prepare gait3d ...`: a dataset name selects the plugin that declares it; the
+        # plugin's command receives the dataset name first. (minimal edit by the gait engineer)
+        owners = [e.name for e in list_plugins() if e.plugin and domain in e.plugin.datasets]
+        if len(owners) == 1:
+            domain, rest = owners[0], [domain, *rest]
     plugin = load_plugin(domain)
     fn = plugin.commands.get(command)
     if fn is None:
