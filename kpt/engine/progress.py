@@ -92,6 +92,8 @@ def metric_table(metrics: dict[str, float], title: str) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, float) and abs(value) >= 100 and math.isfinite(value):
+        return f"{value:.1f}"  # throughput, large losses: decimals are noise
     if isinstance(value, float):
         if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5) and math.isfinite(value):
             return f"{value:.4e}"
@@ -135,6 +137,7 @@ class Progress:
         self.total, self.enabled = total, enabled
         self.use_tqdm = enabled and (sys.stderr.isatty() if use_tqdm is None else use_tqdm)
         self.bar = None
+        self.shown: dict[str, float] = {}
         self.start_time, self.start_step = time.perf_counter(), initial
         if self.use_tqdm:
             from tqdm import tqdm
@@ -147,8 +150,9 @@ class Progress:
         if not self.enabled:
             return
         if self.bar is not None:
+            self.shown.update(logs)  # keep lr, img/s between log steps: a steady bar width
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix({k: _fmt(v) for k, v in logs.items()}, refresh=False)
+            self.bar.set_postfix({k: _fmt(v) for k, v in self.shown.items()}, refresh=False)
         elif log_line:
             done = step - self.start_step
             elapsed = time.perf_counter() - self.start_time
