@@ -100,3 +100,13 @@ def test_gait3d_profile_and_prepare_message(tmp_path):
     assert cfg.data.frames == 30 and cfg.train.lr == pytest.approx(1e-4)  # the user's value wins
     with pytest.raises(GaitDataError, match="kpt data prepare gait3d --src RAW --dst DIR"):
         build_data(build_config(PLUGIN, data="gait3d", data_root=str(tmp_path)))
+
+
+def test_cli_data_commands_resolve_the_dataset_name(tmp_path, capsys):
+    from kpt.cli import main
+
+    assert main(["data", "prepare", "gait3d", "--src", str(tmp_path / "raw"),
+                 "--dst", str(tmp_path / "out")]) == 2
+    assert "2D_Silhouettes not found" in capsys.readouterr().out
+    assert main(["data", "validate", "gait", str(tmp_path)]) == 1
+    assert "no <id>/<type>/<view>/ sequence folders" in capsys.readouterr().out
