@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -191,7 +190,10 @@ def training_step(model: nn.Module, batch: dict, cfg) -> tuple[Tensor, dict[str,
 @torch.no_grad()
 def embed_sequences(model: nn.Module, dataset: GaitSequenceDataset, device: torch.device,
                     batch_size: int = 8) -> tuple[Tensor, list[str], list[bool]]:
-    """Embeds every sequence (all frames; equal-length sequences share a batch).
+    """Embeds every sequence with all its frames, in dataset order.
+
+    Consecutive sequences of equal length share a batch (all of them on the synthetic walkers;
+    one at a time on Gait3D, as OpenGait's evaluator does), so memory stays bounded.
 
     Returns:
         features (N, P, E) float32 on CPU (parts first, as :func:`kpt.metrics.retrieval` expects),
@@ -199,21 +201,31 @@ def embed_sequences(model: nn.Module, dataset: GaitSequenceDataset, device: torc
     """
     was_training = model.training
     model.eval()
-    items = [dataset[i] for i in range(len(dataset))]
-    by_len: dict[int, list[int]] = defaultdict(list)
-    for i, item in enumerate(items):
-        by_len[item["image"].shape[0]].append(i)
-    feats: list[Tensor | None] = [None] * len(items)
-    for idx in by_len.values():
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
-            images = torch.stack([items[i]["image"] for i in chunk]).to(device)
-            keypoints = torch.stack([items[i]["keypoints"] for i in chunk]).to(device)
-            emb = model(images, keypoints)["embeddings"].float().cpu()  # (b, E, P)
-            for i, e in zip(chunk, emb):
-                feats[i] = e.transpose(0, 1)
+    feats: list[Tensor] = []
+    labels: list[str] = []
+    probes: list[bool] = []
+    pending: list[dict] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        images = torch.stack([it["image"] for it in pending]).to(device)
+        keypoints = torch.stack([it["keypoints"] for it in pending]).to(device)
+        emb = model(images, keypoints)["embeddings"].float().cpu()  # (b, E, P)
+        feats.extend(emb.transpose(1, 2))
+        pending.clear()
+
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if pending and (len(pending) == batch_size
+                        or item["image"].shape != pending[0]["image"].shape):
+            flush()
+        pending.append(item)
+        labels.append(item["label"])
+        probes.append(bool(item["probe"]))
+    flush()
     model.train(was_training)
-    return (torch.stack(feats), [it["label"] for it in items], [bool(it["probe"]) for it in items])
+    return torch.stack(feats), labels, probes
 
 
 def evaluate(model: nn.Module, data: TaskData, cfg, device: torch.device) -> dict[str, float]:
