@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from kpt.plugin import Plugin, TaskData
 
 DEFAULTS = {
-    "model": {"hidden": 16, "dropout": 0.1},
+    "model": {"hidden": 16, "dropout": 0.1, "rank_local": False},
     "data": {"name": "blobs", "size": 48, "eval_size": 16, "jitter": 0.01},
     "train": {"batch_size": 8, "lr": 0.05, "optimizer": "sgd", "sched": "cosine", "epochs": 2,
               "warmup_epochs": 0.5, "log_every": 1, "weight_decay": 1e-4},
@@ -42,9 +42,22 @@ class Blobs(Dataset):
         return {"image": image, "keypoints": kp, "label": torch.tensor(int(x >= 4))}
 
 
-class TinyNet(nn.Module):
-    def __init__(self, hidden: int, dropout: float) -> None:
+class RankLocal(nn.Module):
+    """A parameter sharded over DDP ranks, like PartialFC's class centres: rank r holds r+1 values."""
+
+    kpt_rank_local = True
+
+    def __init__(self) -> None:
         super().__init__()
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.offset = nn.Parameter(torch.full((rank + 1,), float(rank)))
+
+
+class TinyNet(nn.Module):
+    def __init__(self, hidden: int, dropout: float, rank_local: bool = False) -> None:
+        super().__init__()
+        self.local = RankLocal() if rank_local else None
         self.fc1 = nn.Linear(64 + 4, hidden)
         self.norm = nn.LayerNorm(hidden)
         self.drop = nn.Dropout(dropout)
@@ -52,7 +65,10 @@ class TinyNet(nn.Module):
 
     def forward(self, images: torch.Tensor, keypoints: torch.Tensor) -> torch.Tensor:
         x = torch.cat([images.flatten(1), keypoints.flatten(1)], dim=1)
-        return self.fc2(self.drop(torch.relu(self.norm(self.fc1(x)))))
+        logits = self.fc2(self.drop(torch.relu(self.norm(self.fc1(x)))))
+        if self.local is not None:  # same shift for every class: the loss does not depend on it
+            logits = logits + self.local.offset.mean()
+        return logits
 
 
 def build_data(cfg) -> TaskData:
@@ -62,7 +78,7 @@ def build_data(cfg) -> TaskData:
 
 
 def build_model(cfg, info) -> nn.Module:
-    return TinyNet(cfg.model.hidden, cfg.model.dropout)
+    return TinyNet(cfg.model.hidden, cfg.model.dropout, cfg.model.rank_local)
 
 
 def training_step(model, batch, cfg):

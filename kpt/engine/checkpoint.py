@@ -117,10 +117,12 @@ def model_class_name(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}"
 
 
-def check_compatible(ckpt: dict[str, Any], path: str | Path, plugin_name: str, model: nn.Module) -> None:
+def check_compatible(ckpt: dict[str, Any], path: str | Path, plugin_name: str, model: nn.Module,
+                     skip: list[str] | tuple[str, ...] = ()) -> None:
     """Raise CheckpointError unless ``ckpt`` was written by ``plugin_name`` for this model.
 
-    Compares the plugin, the model class and every parameter/buffer name and shape, and names what differs.
+    Compares the plugin, the model class and every parameter/buffer name and shape (except ``skip``:
+    rank-local weights, whose shapes differ per rank), and names what differs.
     """
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a kpt training checkpoint (no format "
@@ -131,8 +133,8 @@ def check_compatible(ckpt: dict[str, Any], path: str | Path, plugin_name: str, m
     if ckpt.get("model_class") != model_class_name(model):
         raise CheckpointError(f"{path} holds a {ckpt.get('model_class')}, this run builds a "
                               f"{model_class_name(model)}; check the model section of the config")
-    saved = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
-    current = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in ckpt["model"].items() if k not in skip}
+    current = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in skip}
     missing = sorted(set(current) - set(saved))
     extra = sorted(set(saved) - set(current))
     shapes = [f"{k}: {saved[k]} vs {current[k]}" for k in sorted(set(saved) & set(current))
@@ -149,16 +151,23 @@ def check_compatible(ckpt: dict[str, Any], path: str | Path, plugin_name: str, m
                               f"with another model config")
 
 
-def save_weights(model: nn.Module, path: str | Path, plugin: str, config: dict, info: dict) -> Path:
-    """Write ``model``'s weights as safetensors; metadata records how to rebuild it."""
-    from safetensors.torch import save_model
+def save_weights(model: nn.Module, path: str | Path, plugin: str, config: dict, info: dict,
+                 exclude: list[str] | tuple[str, ...] = ()) -> Path:
+    """Write ``model``'s weights as safetensors; metadata records how to rebuild it.
+
+    ``exclude``: state-dict names left out (rank-local shards of a DDP run); ``load_model`` leaves them
+    at their initial values.
+    """
+    from safetensors.torch import save_file
 
     metadata = {"format": WEIGHTS_FORMAT, "plugin": plugin, "model_class": model_class_name(model),
-                "config": json.dumps(to_plain(config)), "info": json.dumps(to_plain(info))}
+                "config": json.dumps(to_plain(config)), "info": json.dumps(to_plain(info)),
+                "excluded": json.dumps(sorted(exclude))}
+    state = _unshared_state(model, set(exclude))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:  # safetensors writes by path: same tmp + fsync + replace as atomic_write
-        save_model(model, str(tmp), metadata=metadata)
+        save_file(state, str(tmp), metadata=metadata)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # the writer creates 0600; give it the usual permissions
@@ -169,6 +178,24 @@ def save_weights(model: nn.Module, path: str | Path, plugin: str, config: dict, 
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _unshared_state(model: nn.Module, exclude: set[str]) -> dict[str, torch.Tensor]:
+    """State dict without ``exclude`` and with tied tensors stored once (safetensors refuses aliases).
+
+    A name whose storage another kept name already holds is dropped; ``load_state_dict(strict=False)``
+    plus the module's own tying restores it (as ``safetensors.torch.save_model`` does).
+    """
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if name in exclude:
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().contiguous()
+    return state
 
 
 def _build_plugin_model(plugin_name: str, config: dict, info: dict, path: Path) -> nn.Module:
@@ -183,6 +210,20 @@ def _build_plugin_model(plugin_name: str, config: dict, info: dict, path: Path) 
     return plugin.build_model(Config(config), info)
 
 
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], excluded: set[str],
+                  path: Path) -> None:
+    """Load ``state``; only excluded names and aliases of loaded tensors may be missing."""
+    result = model.load_state_dict(state, strict=False)
+    loaded = {(t.untyped_storage().data_ptr(), t.storage_offset()) for n, t in
+              model.state_dict().items() if n in state}
+    missing = [n for n in result.missing_keys if n not in excluded and (
+        model.state_dict()[n].untyped_storage().data_ptr(),
+        model.state_dict()[n].storage_offset()) not in loaded]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{path} does not fit the model built from its metadata: missing "
+                              f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild and load a model from a run's ``last.pt``/``best.pt``/``weights.safetensors``.
 
@@ -194,15 +235,16 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
         raise FileNotFoundError(f"{path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
-        from safetensors.torch import load_model as load_safetensors
+        from safetensors.torch import load_file
 
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
         if meta.get("format") == WEIGHTS_FORMAT and meta.get("plugin"):
             model = _build_plugin_model(meta["plugin"], json.loads(meta["config"]),
                                         json.loads(meta["info"]), path)
-            load_safetensors(model, str(path), strict=True, device=str(map_location))
-            return model.eval()
+            _load_weights(model, load_file(str(path)), set(json.loads(meta.get("excluded", "[]"))),
+                          path)
+            return model.to(map_location).eval()
     else:
         ckpt = load_checkpoint(path, map_location)
         if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:

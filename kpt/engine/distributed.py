@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -89,7 +90,7 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
     return {k: float(v) for k, v in zip(keys, t.tolist())}
 
 
-def assert_in_sync(model: torch.nn.Module, info: DistInfo) -> None:
+def assert_in_sync(model: torch.nn.Module, info: DistInfo, skip: Sequence[str] = ()) -> None:
     """Raise if any parameter differs between ranks (cheap: compares per-tensor sums).
 
     DDP keeps replicas identical only if every gradient flows through the wrapped ``forward``; a
@@ -97,7 +98,11 @@ def assert_in_sync(model: torch.nn.Module, info: DistInfo) -> None:
     """
     if not info.enabled:
         return
-    names, params = zip(*model.named_parameters())
+    skipped = set(skip)  # rank-local (sharded) parameters differ by design
+    named = [(n, p) for n, p in model.named_parameters() if n not in skipped]
+    if not named:
+        return
+    names, params = zip(*named)
     device = params[0].device if dist.get_backend() == "nccl" else torch.device("cpu")
     sums = torch.stack([p.detach().double().sum() for p in params]).to(device)
     low, high = sums.clone(), sums.clone()

@@ -35,6 +35,7 @@ from kpt.engine.distributed import (
 )
 from kpt.engine.optim import build_optimizer, build_scheduler, epochs_needed, total_training_steps
 from kpt.engine.progress import MetricsLog, Progress, header_lines, metric_table
+from kpt.engine.rank_local import load_shard, rank_local_names, remove_old_shards, save_shard
 from kpt.engine.seeding import get_rng_state, seed_everything, set_rng_state, worker_init
 from kpt.plugin import Plugin, TaskData
 
@@ -135,6 +136,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16")
+        # Sharded weights (kpt_rank_local modules) differ per rank: only meaningful with > 1 process.
+        self.local_names = rank_local_names(self.model) if info.enabled else []
         self.step = self.epoch = self.batch_in_epoch = 0
         self.best: dict[str, Any] = {}
         self.last_metrics: dict[str, float] = {}
@@ -145,6 +148,9 @@ class Trainer:
             seed_everything(t.seed + info.rank)  # per-rank streams for augmentation / dropout
         self.ddp_model: nn.Module = self.model
         if info.enabled:
+            if self.local_names:
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    self.model, self.local_names)
             self.ddp_model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.log = MetricsLog(out_dir / "metrics.jsonl" if info.is_main else None)
@@ -172,19 +178,34 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch, "best": dict(self.best),
             "last_eval_step": self.last_eval_step, "world_size": self.info.world_size, "rng": rng_all,
+            "rank_local": ({"world_size": self.info.world_size, "names": self.local_names}
+                           if self.local_names else None),
         }
 
     def save(self, name: str = "last.pt") -> None:
         state = self._state()  # collective (RNG gather): every rank calls it
+        main = self.out_dir / name
+        if self.local_names:  # shards of this step first: the main file must never lack its shards
+            save_shard(self.model, self.optimizer, self.local_names, main, self.step,
+                       self.info.rank, self.info.world_size)
+            barrier(self.info)
         if self.info.is_main:
-            ckpt_io.save_checkpoint(state, self.out_dir / name)
+            ckpt_io.save_checkpoint(state, main)
         barrier(self.info)
+        if self.local_names:
+            remove_old_shards(main, self.step, self.info.rank)
 
     def _load(self, path: Path) -> None:
         ckpt = ckpt_io.load_checkpoint(path, map_location="cpu")
-        ckpt_io.check_compatible(ckpt, path, self.plugin.name, self.model)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt_io.check_compatible(ckpt, path, self.plugin.name, self.model, skip=self.local_names)
+        if ckpt.get("rank_local"):
+            shard = load_shard(path, ckpt, self.info.rank, self.info.world_size)
+            shared = {k: v for k, v in ckpt["model"].items() if k not in shard["model"]}
+            self.model.load_state_dict({**shared, **shard["model"]})
+            self.optimizer.load_state_dict(shard["optimizer"])
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt.get("scheduler"):
             self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -305,7 +326,7 @@ class Trainer:
                         break
         finally:
             progress.close()
-        assert_in_sync(self.model, self.info)
+        assert_in_sync(self.model, self.info, skip=self.local_names)
         if self.last_eval_step != self.step:
             self.evaluate()
         self.save()
@@ -319,7 +340,7 @@ class Trainer:
             summary["best_step"] = self.best["step"]
         if self.info.is_main:
             ckpt_io.save_weights(self.model, self.out_dir / "weights.safetensors", self.plugin.name,
-                                 self.cfg.to_dict(), self.data.info)
+                                 self.cfg.to_dict(), self.data.info, exclude=self.local_names)
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             logger.info("%s", metric_table(summary, f"summary ({self.out_dir})"))
         barrier(self.info)
