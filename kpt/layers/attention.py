@@ -77,14 +77,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     if path == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p,
                                               scale=scale)
-    if bias is None:
+    lead = q.shape[:-2]
+    if bias is None or bias.shape[:-2] != lead:
+        # no bias, or a broadcast one (plain RPE (1, H, N, N)): add without materialising copies
         logits = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
     else:
         # bias + scale·q·kᵀ in one BLAS call (no separate add pass): 0.92-0.97x the time of
         # matmul-then-add for fp32 training on this CPU (ViT-S / shallow shapes).
-        lead, n, d = q.shape[:-2], q.shape[-2], q.shape[-1]
-        nk = k.shape[-2]
-        logits = torch.baddbmm(bias.expand(*lead, n, nk).reshape(-1, n, nk), q.reshape(-1, n, d),
+        n, d, nk = q.shape[-2], q.shape[-1], k.shape[-2]
+        logits = torch.baddbmm(bias.reshape(-1, n, nk), q.reshape(-1, n, d),
                                k.reshape(-1, nk, d).transpose(1, 2), alpha=scale)
         logits = logits.view(*lead, n, nk)
     attn = logits.softmax(dim=-1)
