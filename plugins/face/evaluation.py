@@ -173,6 +173,9 @@ def synthetic_pair_set(split: str, num_pairs: int, seed: int = 0, keypoints: str
         split: ``aligned`` or ``unaligned`` (the renderer's placement).
         keypoints: ``retinaface``, ``ground_truth`` or ``template``.
     """
+    key = (split, num_pairs, seed, keypoints, detector_weights)
+    if key in _SYNTHETIC_SETS:  # deterministic: benchmarks training several models reuse it
+        return _SYNTHETIC_SETS[key]
     from .synthetic_dataset import synthetic_pairs
 
     pairs, gt = synthetic_pairs(num_pairs, split, seed)
@@ -187,7 +190,11 @@ def synthetic_pair_set(split: str, num_pairs: int, seed: int = 0, keypoints: str
     else:
         raise ValueError(f"eval keypoints must be retinaface, ground_truth or template, got "
                          f"{keypoints!r}")
-    return PairSet(pairs.name, pairs.images, pairs.issame, kp, found, keypoints)
+    _SYNTHETIC_SETS[key] = PairSet(pairs.name, pairs.images, pairs.issame, kp, found, keypoints)
+    return _SYNTHETIC_SETS[key]
+
+
+_SYNTHETIC_SETS: dict[tuple, PairSet] = {}
 
 
 def load_bin_set(path: str | Path, keypoints: str = "retinaface", limit: int | None = None,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 import kpt
 from kpt.config import Config
@@ -186,7 +187,35 @@ def build_train_set(cfg: Config) -> tuple[Any, dict]:
     from .synthetic_dataset import SyntheticFaces
 
     dataset = SyntheticFaces(d.num_identities, d.images_per_identity, "aligned", d.seed)
-    return dataset, dict(dataset.info)
+    info = dict(dataset.info)
+    return (RenderCache(dataset) if d.cache else dataset), info
+
+
+class RenderCache(Dataset):
+    """Keeps every rendered synthetic face (uint8) after its first use.
+
+    The renderer is deterministic per index and the augmentation runs later (collate), so later
+    epochs can reuse the pixels: rendering is about a third of a CPU training step otherwise.
+    112×112 RGB costs 37.6 kB per image (the default 2,400 images: 90 MB).
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.labels = dataset.labels
+        self._items: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        missing = sorted({int(i) for i in indices if int(i) not in self._items})
+        if missing:
+            for i, item in zip(missing, self.dataset.__getitems__(missing)):
+                self._items[i] = item
+        return [self._items[int(i)] for i in indices]
 
 
 def resolve_bin(name: str, cfg: Config) -> Path:
