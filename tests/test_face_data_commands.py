@@ -109,3 +109,30 @@ def test_validate_and_open_image_folder(tmp_path, aligned_faces, capsys):
     out = capsys.readouterr().out
     assert "broken.jpg" in out and "identities: 2" in out
     assert validate(["--data", str(tmp_path / "nowhere")]) == 1
+
+
+def test_bin_and_tinyface_paths(tmp_path, aligned_faces, capsys):
+    from kpt_plugins.face.bin_pairs import write_bin
+
+    images = aligned_faces[0]
+    path = tmp_path / "lfw.bin"
+    write_bin(path, images, np.array([True, False]))
+    assert validate(["--data", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "pairs: 2" in out and "same pairs: 1" in out
+    assert prepare(["--data", str(path)]) == 0
+    assert cache_path(path).name == "lfw.bin.ldmk_5points.csv"
+    keypoints, _ = read_landmarks(cache_path(path), expected=4)
+    assert np.abs(keypoints - aligned_faces[1]).max() * 112 < 6
+    base = tmp_path / "tinyface"
+    for folder, names in {
+        "Probe": ["7_1.jpg"],
+        "Gallery_Match": ["7_2.jpg"],
+        "Gallery_Distractor": ["x.jpg"],
+    }.items():
+        (base / folder).mkdir(parents=True)
+        for n, im in zip(names, images):
+            (base / folder / n).write_bytes(encode_image(im))
+    assert validate(["--data", str(base)]) == 0
+    out = capsys.readouterr().out
+    assert "tinyface" in out and "probes: 1" in out and "distractors: 1" in out
