@@ -152,3 +152,9 @@ def test_convert_calls_the_converter(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "kpt.convert", fake)
     assert main(["convert", "cvlface", "src.pt", "dst.safetensors"]) == 0
     assert calls == [("src.pt", "dst.safetensors")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mnist", "face", "gait"])
+def test_builtin_plugins_pass_the_contract_check(name, capsys):
+    assert main(["plugins", "check", name]) == 0, capsys.readouterr().out
