@@ -13,9 +13,12 @@ after the first epoch). Variants alternate in blocks of 100 images and are timed
 time, so a busy shared machine slows them alike. Reports images/s (CPU time) per variant and the ratio recordio / imdecode (the target
 is within 10%, i.e. a ratio ≥ 0.9).
 
+With ``--synthetic`` it also times the synthetic face renderer (images/s of process CPU time,
+batches of 256, both splits, one thread).
+
 Example::
 
-    python bench/face_io.py --images 2000 --rounds 5
+    python bench/face_io.py --images 2000 --rounds 5 --synthetic
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from kpt_plugins.face.recordio import InsightFaceRec, encode_image, write_insightface_rec
 from kpt_plugins.face.synthetic import render_faces
 
@@ -67,13 +71,25 @@ def time_blocks(variants: dict, n: int, rounds: int, block: int = 100) -> dict[s
     return totals
 
 
+def synthetic_rate(split: str, batches: int = 4, batch: int = 256) -> float:
+    """Synthetic faces rendered per second of process CPU time (after one warm-up batch)."""
+    render_faces(list(range(8)), [0] * 8, split=split)
+    start = time.process_time()
+    for b in range(batches):
+        ids = np.arange(b * batch, (b + 1) * batch)
+        render_faces(ids // 10, ids % 10, split=split)
+    return batches * batch / (time.process_time() - start)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    p.add_argument("--synthetic", action="store_true", help="also time the synthetic renderer")
     args = p.parse_args(argv)
     cv2.setNumThreads(1)
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         payloads = build(root, args.images, per_identity=20)
@@ -106,6 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
         "recordio/(imdecode+rgb)": round(ratio_rgb, 3),
         "within 10%": ratio >= 0.9,
     }
+    if args.synthetic:
+        for split in ("aligned", "unaligned"):
+            result[f"synthetic {split} img/s"] = round(synthetic_rate(split), 1)
     if args.json:
         print(json.dumps(result))
     else:

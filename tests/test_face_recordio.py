@@ -180,3 +180,18 @@ def test_dataloader_workers_read_the_rec(tmp_path):
     assert torch.cat([b["label"] for b in batches]).tolist() == labels
     assert batches[0]["image"].shape == (3, 3, 112, 112)
     assert batches[0]["keypoints"].shape == (3, 5, 2)
+
+
+def test_face_io_bench_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "face_io.py"
+    spec = importlib.util.spec_from_file_location("face_io_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--images", "40", "--rounds", "1", "--json"])
+    assert result["images"] == 40
+    assert result["recordio img/s"] > 0 and result["imdecode img/s"] > 0
+    assert 0 < result["recordio/imdecode"] < 10
+    assert '"recordio/imdecode"' in capsys.readouterr().out
