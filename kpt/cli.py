@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 # -- commands ------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from kpt.config import build_config
-    from kpt.engine.checkpoint import find_resume_checkpoint, load_checkpoint
+    from kpt.engine.checkpoint import find_resume_checkpoint, read_checkpoint_config
     from kpt.engine.progress import configure_logging
     from kpt.engine.trainer import train
     from kpt.plugin import load_plugin
@@ -127,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if resume is None:
             print(f"kpt: nothing to resume for {args.domain}; starting a new run", file=sys.stderr)
         else:
-            base = load_checkpoint(resume)["config"]
+            base = read_checkpoint_config(resume)
             out = out or resume.parent
     cfg = build_config(plugin, args.config, args.overrides, args.data, args.test, args.data_root,
                        base=base)

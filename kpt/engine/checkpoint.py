@@ -113,6 +113,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """The ``config`` of a checkpoint, memory-mapped (tensors are not read into memory)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(ckpt, dict) or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a kpt training checkpoint (no config)")
+    return ckpt["config"]
+
+
 def model_class_name(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}"
 
