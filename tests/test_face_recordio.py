@@ -195,3 +195,14 @@ def test_face_io_bench_runs(capsys):
     assert result["recordio img/s"] > 0 and result["imdecode img/s"] > 0
     assert 0 < result["recordio/imdecode"] < 10
     assert '"recordio/imdecode"' in capsys.readouterr().out
+
+
+def test_num_classes_sources(tmp_path):
+    write_insightface_rec(tmp_path / "a", [(0, b"x"), (1, b"y"), (1, b"z")])
+    assert InsightFaceRec(tmp_path / "a").num_classes == 2  # property
+    (tmp_path / "a" / "property").unlink()
+    assert InsightFaceRec(tmp_path / "a").num_classes == 2  # identity records
+    with RecordIOWriter(tmp_path / "train.rec", tmp_path / "train.idx") as w:
+        for key, label in ((1, 0.0), (2, 4.0)):
+            w.write(key, pack_record(IRHeader(0, label, key, 0), b"jpeg"))
+    assert InsightFaceRec(tmp_path).num_classes == 5  # largest label + 1

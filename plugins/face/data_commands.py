@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import mmap
 import struct
 import sys
 import time
@@ -135,20 +136,20 @@ class _Report:
 def _scan_rec(path: Path, report: _Report) -> set[int]:
     """Record start offsets found by walking the chunks of a ``.rec`` from the beginning."""
     starts: set[int] = set()
-    data = path.read_bytes() if path.stat().st_size < (1 << 31) else None
-    if data is None:
-        return starts  # too large to walk here; the per-key reads below still check every record
-    pos, in_record = 0, False
-    while pos + 8 <= len(data):
-        magic, lrec = struct.unpack_from("<II", data, pos)
-        if magic != MAGIC:
-            report.problem(f"{path}: bad magic at offset {pos}; the rest of the file is unreadable")
-            break
-        cflag = lrec >> 29
-        if not in_record:
-            starts.add(pos)
-        in_record = cflag in (1, 2)
-        pos += 8 + (((lrec & ((1 << 29) - 1)) + 3) & ~3)
+    if path.stat().st_size == 0:
+        return starts
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        pos, in_record = 0, False
+        while pos + 8 <= len(data):
+            magic, lrec = struct.unpack_from("<II", data, pos)
+            if magic != MAGIC:
+                report.problem(f"{path}: bad magic at offset {pos}; the rest is unreadable")
+                break
+            cflag = lrec >> 29
+            if not in_record:
+                starts.add(pos)
+            in_record = cflag in (1, 2)
+            pos += 8 + (((lrec & ((1 << 29) - 1)) + 3) & ~3)
     return starts
 
 

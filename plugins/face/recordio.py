@@ -305,7 +305,7 @@ class InsightFaceRec:
     Attributes:
         image_keys: record keys of the images, in key order.
         identity_ranges: {class id: (first_key, end_key)} when the identity records exist.
-        num_classes: from ``property`` (or the largest label + 1 when absent, computed lazily).
+        num_classes: see :attr:`num_classes`.
     """
 
     def __init__(self, root: str | Path, prefix: str = "train") -> None:
@@ -314,6 +314,8 @@ class InsightFaceRec:
         self.property = self._read_property()
         self.identity_ranges: dict[int, tuple[int, int]] = {}
         self.expected_image_keys: range | None = None  # from key 0's range, when present
+        self._identity_keys: list[int] = []
+        self._num_classes: int | None = None
         self.image_keys = self._image_keys()
 
     def _read_property(self) -> tuple[int, int, int] | None:
@@ -354,7 +356,7 @@ class InsightFaceRec:
     def read_identity_ranges(self) -> dict[int, tuple[int, int]]:
         """Read the identity records: {class index in key order: (first_key, end_key)}."""
         ranges = {}
-        for n, key in enumerate(getattr(self, "_identity_keys", [])):
+        for n, key in enumerate(self._identity_keys):
             header, _ = unpack_record(self.reader.read(key), f"{self.reader.rec_path} key {key}")
             lo, hi = (int(v) for v in np.asarray(header.label)[:2])
             ranges[n] = (lo, hi)
@@ -363,6 +365,19 @@ class InsightFaceRec:
 
     def __len__(self) -> int:
         return len(self.image_keys)
+
+    @property
+    def num_classes(self) -> int:
+        """Identities: from ``property``, else the identity records, else the largest label + 1
+        (read from the headers only, once)."""
+        if self.property is not None:
+            return self.property[0]
+        if self._identity_keys:
+            return len(self._identity_keys)
+        if self._num_classes is None:
+            labels = [self._locate(i)[3] for i in range(len(self))]
+            self._num_classes = max(labels) + 1 if labels else 0
+        return self._num_classes
 
     def _locate(self, index: int) -> tuple[bytes | mmap.mmap, int, int, int]:
         """(buffer, image start, image end, label) of image ``index``: the hot path of every read.
