@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -122,6 +123,9 @@ def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: 
             _sync(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
+        if r >= warmup:  # progress on stderr: long CPU runs otherwise print nothing for minutes
+            done = ", ".join(f"{n} {1e3 * times[n][-1]:.0f}" for n in names)
+            print(f"  round {r - warmup + 1}/{rounds} ms: {done}", file=sys.stderr, flush=True)
     return {n: statistics.median(t) for n, t in times.items()}
 
 
