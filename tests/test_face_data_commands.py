@@ -56,7 +56,7 @@ def rec_set(tmp_path, aligned_faces):
 
 
 def test_prepare_finds_the_landmarks(rec_set, aligned_faces, capsys):
-    assert prepare(["--data", str(rec_set), "--batch-size", "3"]) == 0
+    assert prepare(["--data", str(rec_set), "--batch-size", "3", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "4/5 faces found" in out
     keypoints, scores = read_landmarks(cache_path(rec_set), expected=5)

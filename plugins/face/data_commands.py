@@ -48,6 +48,7 @@ def _prepare_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", default=None, choices=["mobilenet0.25", "resnet50"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
     p.add_argument(
         "--padding-ratio",
         type=float,
@@ -105,7 +106,9 @@ def prepare(argv: list[str]) -> int:
             last[0] = now
             _out(f"  {done}/{total} images, {done / (now - start):.1f} img/s")
 
-    keypoints, found, scores = compute_landmarks(source, detector, args.batch_size, progress)
+    keypoints, found, scores = compute_landmarks(
+        source, detector, args.batch_size, progress, workers=args.workers
+    )
     write_landmarks(target, keypoints, scores)
     missing = np.flatnonzero(~found)
     _out(

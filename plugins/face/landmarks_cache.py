@@ -89,8 +89,32 @@ def read_landmarks(
     return keypoints, scores
 
 
+class _Images(torch.utils.data.Dataset):
+    """The images of a source (labels dropped), for DataLoader workers."""
+
+    def __init__(self, source: Sequence) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.source[index][0]
+
+
+def _iter_images(source: Sequence, workers: int):
+    """(index, (H, W, 3) uint8 image) in order; decoded in ``workers`` processes when > 0."""
+    if workers <= 0:
+        for i in range(len(source)):
+            yield i, source[i][0]
+        return
+    loader = torch.utils.data.DataLoader(_Images(source), batch_size=None, num_workers=workers)
+    for i, image in enumerate(loader):  # order is preserved
+        yield i, image.numpy()
+
+
 def compute_landmarks(
-    source: Sequence, detector, batch_size: int = 64, progress=None
+    source: Sequence, detector, batch_size: int = 64, progress=None, workers: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run the detector over every image of a source.
 
@@ -101,6 +125,7 @@ def compute_landmarks(
         detector: a :class:`~kpt_plugins.face.retinaface.RetinaFaceKeypoints`.
         batch_size: images per forward pass.
         progress: optional callable(done, total).
+        workers: DataLoader worker processes decoding the images (0 = in this process).
 
     Returns:
         keypoints (N, 5, 2) float32 normalised, found (N,) bool, scores (N,) float32.
@@ -127,8 +152,7 @@ def compute_landmarks(
         if progress is not None:
             progress(idx[-1] + 1, n)
 
-    for i in range(n):
-        image, _ = source[i]
+    for i, image in _iter_images(source, workers):
         if pending and (image.shape != pending[0][1].shape or len(pending) >= batch_size):
             flush()
         pending.append((i, image))
