@@ -121,3 +121,14 @@ def test_info_is_labelled_synthetic():
     assert ds.info["num_classes"] == 5
     with pytest.raises(IndexError):
         ds.__getitems__([10])
+
+
+@pytest.mark.gpu
+def test_renders_on_gpu_like_on_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ids = list(range(8))
+    cpu, kp_cpu = render_faces(ids, ids, split="unaligned")
+    gpu, kp_gpu = render_faces(ids, ids, split="unaligned", device="cuda")
+    assert torch.allclose(kp_cpu, kp_gpu.cpu(), atol=1e-5)
+    assert (cpu.float() - gpu.cpu().float()).abs().mean() < 1.0

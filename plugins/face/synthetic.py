@@ -338,7 +338,7 @@ def _features(img, canvas, lm, ids, ims, g, lit):
         rim = rim.clamp_(0, 1).mul_(g["glasses"] * g["glasses_on"])
         _scatter(img, flat, _paint(patch, rim, lit(grey * 0.1, lm[:, k])))
     nx, ny = _col(lm[:, 2, 0]), _col(lm[:, 2, 1])
-    flat, x, y = canvas.window(lm[:, 2] - torch.tensor([0.0, 7.0]), 13.0)
+    flat, x, y = canvas.window(lm[:, 2] - torch.tensor([0.0, 7.0], device=lm.device), 13.0)
     patch = _gather(img, flat, x.shape[-1])
     bridge = _ellipse(x, y, nx - 2 - g["yaw"] * 4, ny - 9, 1.6 * ones, 9 * ones, soft)
     patch = _paint(patch, bridge.mul_(0.35), lit(ids["skin"] * 0.7, lm[:, 2]))
