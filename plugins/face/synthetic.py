@@ -1,8 +1,8 @@
 """``synthetic`` faces: a deterministic, CPU-fast face generator with ground-truth landmarks.
 
 kpt's embedded default face data (always reported as *synthetic*). Every identity is a set of
-parameters drawn from a seeded generator keyed by (seed, identity): face outline (superellipse
-size and jaw), eye spacing / height / size / iris colour, eyebrows, nose length and width, mouth
+parameters that are a pure function of (seed, identity) (see :mod:`.synthetic_params`): face
+outline (ellipse size and a narrowing jaw), eye spacing / height / size / iris colour, eyebrows, nose length and width, mouth
 width / height / lips, skin tone and a skin texture (sinusoids and moles), hair colour / style /
 hairline, ears, and sometimes a beard or glasses. Every image of an identity adds, keyed by
 (seed, identity, sample): expression (smile, open mouth, eye openness, brow raise, gaze), head pose
@@ -13,6 +13,10 @@ background, pixel noise and the in-plane placement:
   112×112 training crops);
 * ``unaligned``: a random similarity plus mild shear/anisotropy around the face box (scale
   0.55–1.15, rotation ±35°, shifts of a quarter image), like raw versus aligned CFP-FP.
+
+For speed, the large smooth layers (background, hair, head, texture, lighting, noise) are rendered
+at half resolution and upsampled; the small features (eyes, brows, nose, mouth, moles, glasses)
+are drawn at full resolution inside per-image windows around them.
 
 Shapes are evaluated analytically on the grid of canonical coordinates seen by each output pixel
 (output pixel p shows canonical point A⁻¹p), all images of a batch at once in torch, so the
