@@ -206,3 +206,20 @@ def test_num_classes_sources(tmp_path):
         for key, label in ((1, 0.0), (2, 4.0)):
             w.write(key, pack_record(IRHeader(0, label, key, 0), b"jpeg"))
     assert InsightFaceRec(tmp_path).num_classes == 5  # largest label + 1
+
+
+def test_identity_range_beyond_float32_uses_property(tmp_path):
+    # key 0's [first, end) is float32: past 2^24 it is rounded, so the layout is recovered from
+    # the property's class count (the identity records are the last K keys)
+    jpeg = encode_image(_image(0, 16))
+    big = float(2**24 + 3)  # not representable: float32 rounds it
+    with RecordIOWriter(tmp_path / "train.rec", tmp_path / "train.idx") as w:
+        for key in (1, 2, 3):
+            w.write(key, pack_record(IRHeader(0, float(key - 1), key, 0), jpeg))
+        for key, lo in ((4, 1), (5, 2)):
+            w.write(key, pack_record(IRHeader(2, np.array([lo, lo + 1], "f4"), key, 0)))
+        w.write(0, pack_record(IRHeader(2, np.array([big, big + 2], "f4"), 0, 1)))
+    (tmp_path / "property").write_text("2,16,16\n")
+    rec = InsightFaceRec(tmp_path)
+    assert rec.image_keys == [1, 2, 3]
+    assert rec.read_identity_ranges() == {0: (1, 2), 1: (2, 3)}

@@ -340,8 +340,9 @@ class InsightFaceRec:
             return keys
         first_id, end_id = (int(v) for v in np.asarray(header.label)[:2])
         if end_id >= _FLOAT32_EXACT and self.property:
-            # float32 ranges are rounded past 2^24: count from the identity records instead
-            first_id = max(keys) - self.property[0] + 1
+            # float32 ranges are rounded past 2^24: the identity records are the last K keys
+            end_id = max(keys) + 1
+            first_id = end_id - self.property[0]
             log.warning(
                 "%s: identity range beyond float32 precision; using property's class "
                 "count (images 1..%d)",
