@@ -209,7 +209,8 @@ class RetinaFaceKeypoints(nn.Module):
         self, images: np.ndarray | torch.Tensor, score_threshold: float | None = None
     ) -> list[list[Detection]]:
         """Detect faces in a batch of same-sized RGB uint8 images (B, H, W, 3)."""
-        images = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+        if not torch.is_tensor(images):  # also accepts views such as bgr[..., ::-1]
+            images = torch.from_numpy(np.ascontiguousarray(images))
         if images.ndim == 3:  # batch of grey images
             images = images.unsqueeze(-1).expand(-1, -1, -1, 3)
         if images.ndim != 4 or images.shape[-1] != 3:
