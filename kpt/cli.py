@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="get | prepare | validate a dataset (plugin commands)")
     p.add_argument("action", choices=["get", "prepare", "validate"])
-    p.add_argument("domain")
+    p.add_argument("domain", help="plugin name, or a dataset name declared by one plugin")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="passed to the plugin")
 
     p = sub.add_parser("plugins", help="list plugins; `kpt plugins check NAME` dry-runs one")
