@@ -117,12 +117,15 @@ def test_plugin_commands_receive_remaining_argv(monkeypatch, capsys):
 
     seen = []
     commands = {"data get": lambda argv: seen.append(("get", argv)) or 0,
+                "data prepare": lambda argv: seen.append(("prepare", argv)) or 0,
                 "predict": lambda argv: seen.append(("predict", argv)) or 3}
     monkeypatch.setattr(tiny, "PLUGIN", dataclasses.replace(tiny.PLUGIN, commands=commands))
     tiny.register_in_process(monkeypatch)
     assert main(["data", "get", "tiny", "--root", "x"]) == 0
     assert main(["predict", "tiny", "a.png", "--checkpoint", "b.pt"]) == 3
-    assert seen == [("get", ["--root", "x"]), ("predict", ["a.png", "--checkpoint", "b.pt"])]
+    assert main(["data", "prepare", "blobs", "--out", "y"]) == 0  # a dataset name picks its plugin
+    assert seen == [("get", ["--root", "x"]), ("predict", ["a.png", "--checkpoint", "b.pt"]),
+                    ("prepare", ["blobs", "--out", "y"])]
 
 
 def test_train_resume_auto_and_eval(tiny_installed, tmp_path, capsys):
