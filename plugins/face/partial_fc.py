@@ -120,6 +120,10 @@ class PartialFC(nn.Module):
         **margins: keywords of the head (``m``, ``s``, ``h``, ``t_alpha``, ...).
     """
 
+    # Rank-sharded weights: the kpt engine keeps them out of DDP and checkpoints them per rank
+    # (kpt/engine/rank_local.py). Minimal edit by the toolkit engineer.
+    kpt_rank_local = True
+
     def __init__(self, embedding_size: int, num_classes: int, head: str | MarginHead = "adaface",
                  sample_rate: float = 1.0, **margins: float) -> None:
         super().__init__()
