@@ -120,3 +120,22 @@ def test_render_cache_returns_identical_items():
     again = cache.__getitems__([1, 4, 0])
     assert again[0] is first[1] and again[1] is first[0]
     torch.testing.assert_close(again[2]["image"], data[0]["image"])
+
+
+@pytest.mark.slow
+def test_train_on_recordio_path(tmp_path):
+    """`--data PATH`: insightface RecordIO with its landmark cache (ground-truth points here)."""
+    from kpt_plugins.face.synthetic_dataset import export_synthetic_rec
+
+    rec = tmp_path / "rec"
+    export_synthetic_rec(rec, num_identities=3, images_per_identity=4, seed=2)
+    out = tmp_path / "run"
+    args = ["train", "face", "--data", str(rec), "--out", str(out), "model.depth=1",
+            "model.embed_dim=32", "model.num_heads=2", "model.embedding_size=16",
+            "train.batch_size=4", "train.epochs=0", "train.max_steps=2", "eval.synthetic_pairs=10",
+            "eval.unaligned_keypoints=ground_truth"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 2
+    model = kpt.load_model(str(out / "weights.safetensors"))
+    assert model.head.weight.shape[0] == 3  # identities read from the RecordIO property
