@@ -33,6 +33,7 @@ from kpt.engine.distributed import (
     broadcast_object,
     init_distributed,
 )
+from kpt.engine.malloc import keep_freed_memory
 from kpt.engine.optim import build_optimizer, build_scheduler, epochs_needed, total_training_steps
 from kpt.engine.progress import MetricsLog, Progress, header_lines, metric_table
 from kpt.engine.rank_local import load_shard, rank_local_names, remove_old_shards, save_shard
@@ -112,6 +113,8 @@ class Trainer:
                  info: DistInfo, device: torch.device) -> None:
         self.plugin, self.cfg, self.out_dir, self.info, self.device = plugin, cfg, out_dir, info, device
         t = cfg.train
+        if device.type == "cpu":
+            keep_freed_memory()  # page faults were a quarter of a CPU step (kpt.engine.malloc)
         seed_everything(t.seed, t.deterministic)  # same seed everywhere: identical initial weights
         self.data = plugin.build_data(cfg)
         if not isinstance(self.data, TaskData):
