@@ -23,6 +23,7 @@ the patch boundary cuts a stroke, which a translated test digit changes.
 
 from __future__ import annotations
 
+import torch
 from kpt_plugins.mnist.drawn import KeypointChannels
 from kpt_plugins.mnist.keypoints import NUM_KEYPOINTS
 from torch import nn
@@ -45,17 +46,25 @@ POS_VARIANTS: dict[str, tuple[str, bool]] = {
 IMG_SIZE = 40
 
 
-def conv_stem(in_chans: int, channels: int, embed_dim: int, patch_size: int) -> nn.Sequential:
+class ConvStem(nn.Sequential):
     """3×3 conv (stride 1, zero padding = background) + BN + GELU, then p×p/p patchify conv.
 
-    (B, C, 40, 40) → (B, D, 40/p, 40/p), a drop-in for timm ``PatchEmbed.proj``.
+    (B, C, 40, 40) → (B, D, 40/p, 40/p), a drop-in for timm ``PatchEmbed.proj``. Runs channels-last:
+    oneDNN's convolution backward on these few channels is 0.91x the time per train step of the
+    whole model (measured interleaved, batch 64, 2 threads); the values are the same.
     """
-    return nn.Sequential(
-        nn.Conv2d(in_chans, channels, 3, stride=1, padding=1, bias=False),
-        nn.BatchNorm2d(channels),
-        nn.GELU(),
-        nn.Conv2d(channels, embed_dim, patch_size, stride=patch_size),
-    )
+
+    def __init__(self, in_chans: int, channels: int, embed_dim: int, patch_size: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_chans, channels, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.GELU(),
+            nn.Conv2d(channels, embed_dim, patch_size, stride=patch_size),
+        )
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.contiguous(memory_format=torch.channels_last))
 
 
 def build_digit_vit(pos: str = "kprpe", patch_size: int = 5, embed_dim: int = 64, depth: int = 4,
@@ -91,7 +100,7 @@ def build_digit_vit(pos: str = "kprpe", patch_size: int = 5, embed_dim: int = 64
         pos=vit_pos, head="avg", kprpe_variant=kprpe_variant, num_keypoints=NUM_KEYPOINTS,
         drop_path_rate=drop_path_rate)
     if stem == "conv":
-        backbone.patch_embed.proj = conv_stem(chans, stem_channels, embed_dim, patch_size)
+        backbone.patch_embed.proj = ConvStem(chans, stem_channels, embed_dim, patch_size)
     if drawn:
         return KeypointChannels(backbone, drawn_sigma, pass_keypoints="kprpe" in vit_pos)
     return backbone
