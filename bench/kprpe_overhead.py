@@ -6,8 +6,11 @@ Models (``--models``):
   (14×14 = 196 tokens, no class token, mean pool + Linear(384 → 512));
 * ``face_small``: the official CVLface ViT-KPRPE small architecture (D 512, depth 12, 8 heads, MLP ×5,
   ReLU6, flatten-BN head), with its ``pos`` replaced per variant;
-* ``mnist``: the shallow 40×40 MNIST ViT (D 64, depth 4, 4 heads, patch 4 → 100 tokens, MLP ×2,
-  mean pool + Linear(64 → 10)).
+* ``mnist``: the calibration prototype's shallow 40×40 MNIST ViT (D 64, depth 4, 4 heads, patch 4 →
+  100 tokens, linear patches, MLP ×2, mean pool + Linear(64 → 10));
+* ``mnist_default``: the model ``kpt train mnist`` trains, built by the mnist plugin from its default
+  config with only ``model.pos`` changed (today: conv stem, patch 5 → 64 tokens, D 64, depth 4,
+  4 heads), at the plugin's batch size.
 
 For every model, one instance per ``pos`` (none, abs, rpe, irpe, kprpe by default) with its own
 AdamW is timed **interleaved round-robin** (the order rotates every round) so machine noise hits all
@@ -55,6 +58,10 @@ MODELS: dict[str, dict] = {
                    "num_heads": 4, "mlp_ratio": 2.0, "num_classes": 10, "head": "avg"},
         "img": 40, "chans": 1, "batch": 128, "eval_batch": 512,
     },
+    "mnist_default": {
+        "plugin": "mnist", "kwargs": {"num_classes": 10},
+        "img": 40, "chans": 1, "batch": 64, "eval_batch": 500,
+    },
 }
 POS = ("none", "abs", "rpe", "irpe", "kprpe")
 
@@ -62,7 +69,15 @@ POS = ("none", "abs", "rpe", "irpe", "kprpe")
 def build(model_name: str, pos: str, device: torch.device) -> torch.nn.Module:
     """One backbone+head with the given ``pos``; relative tables randomised (not zero)."""
     torch.manual_seed(0)
-    model = kpt.create_model("vit", pos=pos, **MODELS[model_name]["kwargs"]).to(device)
+    spec = MODELS[model_name]
+    if spec.get("plugin") == "mnist":
+        from kpt_plugins.mnist.plugin import PLUGIN, build_model
+
+        from kpt.config import build_config
+        cfg = build_config(PLUGIN, overrides=[f"model.pos={pos}"])
+        model = build_model(cfg, {"num_classes": 10}).to(device)
+    else:
+        model = kpt.create_model("vit", pos=pos, **spec["kwargs"]).to(device)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith(("kprpe.", "rel_bias.")) or ".rpe." in name:
