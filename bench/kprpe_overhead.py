@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        from kpt.engine.malloc import keep_freed_memory
+        keep_freed_memory()  # as the trainer does on CPU
     models = [m for m in args.models.split(",") if m]
     variants = [p for p in args.pos.split(",") if p]
     if "none" not in variants:

@@ -50,6 +50,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "num_workers": 0,
         "device": "auto",          # auto | cpu | cuda | cuda:1 ...
         "no_decay": ["pos_embed", "cls_token", "rpe", "relative_position"],  # name fragments
+        "lr_scale": {},            # {name fragment: lr multiplier}, on top of the model's own
     },
 }
 

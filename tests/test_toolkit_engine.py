@@ -193,6 +193,33 @@ def test_param_groups_skip_norms_biases_and_position_tables():
         [0.0, 1e-4]
 
 
+def test_lr_scale_from_model_and_config_follows_the_schedule():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Linear(4, 4)
+            self.kprpe = torch.nn.Linear(4, 4)
+            self.body = torch.nn.Linear(4, 4)
+            self.lr_scale_prefixes = {"stem.": 0.1, "kprpe.": 0.5}
+
+    cfg = _cfg("train.optimizer=adamw", "train.lr=1.0", "train.sched=cosine", "train.min_lr=0",
+               "train.lr_scale.kprpe=10")
+    net = Net()
+    opt = build_optimizer(net, cfg.train)
+    scale_of = {id(p): g.get("lr_scale", 1.0) for g in opt.param_groups for p in g["params"]}
+    assert scale_of[id(net.stem.weight)] == 0.1 and scale_of[id(net.stem.bias)] == 0.1
+    assert scale_of[id(net.kprpe.weight)] == 10  # the config overrides the model's own 0.5
+    assert scale_of[id(net.body.weight)] == 1.0
+    sched = build_scheduler(opt, cfg.train, total_steps=10, steps_per_epoch=5)
+    sched.step_update(num_updates=5)
+    base = next(g["lr"] for g in opt.param_groups if "lr_scale" not in g)
+    assert 0 < base < 1.0
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(base * g.get("lr_scale", 1.0))
+    sgd = build_optimizer(net, _cfg("train.sched=none", "train.lr=0.2").train)
+    assert sorted(round(g["lr"], 6) for g in sgd.param_groups) == [0.02, 0.02, 0.1, 0.2, 0.2]
+
+
 def test_schedule_warmup_then_cosine_decay():
     cfg = _cfg("train.sched=cosine", "train.warmup_epochs=1", "train.min_lr=0", "train.lr=1.0")
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

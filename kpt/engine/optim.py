@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -33,41 +33,69 @@ def _no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float,
-                 no_decay_fragments: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Split trainable parameters into a decayed and a non-decayed group.
+def lr_scale_of(name: str, lr_scales: Mapping[str, float]) -> float:
+    """Learning-rate multiplier of parameter ``name``: the first fragment of ``lr_scales`` it contains."""
+    for fragment, scale in lr_scales.items():
+        if fragment in name:
+            return float(scale)
+    return 1.0
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_fragments: Iterable[str] = (),
+                 lr_scales: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """Split trainable parameters by weight decay (decayed / not) and learning-rate multiplier.
 
     Args:
         model: the module to train (unwrapped, not DDP).
-        weight_decay: decay of the first group.
+        weight_decay: decay of the decayed groups.
         no_decay_fragments: substrings of parameter names that are never decayed.
+        lr_scales: ``{name fragment: multiplier}``; a parameter takes the first fragment it contains
+            (default 1). Groups with a multiplier carry timm's ``lr_scale`` key, which timm's
+            schedulers multiply into every scheduled learning rate.
 
     Returns:
-        ``[{"params": [...], "weight_decay": wd, "names": [...]}, {"params": [...], "weight_decay": 0.,
-        "names": [...]}]`` without empty groups.
+        ``[{"params": [...], "weight_decay": wd, "names": [...]}, ...]``, decayed groups first, without
+        empty groups; groups whose multiplier is not 1 also hold ``"lr_scale"``.
     """
     skip = _no_weight_decay_names(model)
     fragments = tuple(no_decay_fragments)
-    decay: list[tuple[str, nn.Parameter]] = []
-    no_decay: list[tuple[str, nn.Parameter]] = []
+    scales = dict(lr_scales or {})
+    buckets: dict[tuple[bool, float], list[tuple[str, nn.Parameter]]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         exempt = param.ndim <= 1 or name in skip or any(f in name for f in fragments)
-        (no_decay if exempt else decay).append((name, param))
-    groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay,
-               "names": [n for n, _ in decay]},
-              {"params": [p for _, p in no_decay], "weight_decay": 0.0,
-               "names": [n for n, _ in no_decay]}]
-    return [g for g in groups if g["params"]]
+        buckets.setdefault((exempt, lr_scale_of(name, scales)), []).append((name, param))
+    groups = []
+    for (exempt, scale), members in sorted(buckets.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        group: dict[str, Any] = {"params": [p for _, p in members],
+                                 "weight_decay": 0.0 if exempt else weight_decay,
+                                 "names": [n for n, _ in members]}
+        if scale != 1.0:
+            group["lr_scale"] = scale
+        groups.append(group)
+    return groups
 
 
 def build_optimizer(model: nn.Module, train_cfg: Any) -> torch.optim.Optimizer:
-    """timm ``create_optimizer_v2`` over :func:`param_groups` with ``train.optimizer/lr/momentum``."""
-    groups = param_groups(model, train_cfg.weight_decay, train_cfg.no_decay)
+    """timm ``create_optimizer_v2`` over :func:`param_groups` with ``train.optimizer/lr/momentum``.
+
+    Learning-rate multipliers come from the model's ``lr_scale_prefixes`` attribute (a plugin's
+    recipe, e.g. OpenGait's 0.1× for the gait stem and head) and ``train.lr_scale``; a parameter
+    matching fragments of both takes the config's.
+    """
+    scales = dict(getattr(train_cfg, "lr_scale", None) or {})  # first: the config's fragments win
+    for fragment, scale in (getattr(model, "lr_scale_prefixes", None) or {}).items():
+        scales.setdefault(fragment, scale)
+    groups = param_groups(model, train_cfg.weight_decay, train_cfg.no_decay, scales)
     for g in groups:
-        logger.debug("param group wd=%s: %d tensors", g["weight_decay"], len(g["params"]))
+        logger.debug("param group wd=%s lr_scale=%s: %d tensors", g["weight_decay"],
+                     g.get("lr_scale", 1.0), len(g["params"]))
         del g["names"]  # optimizers keep unknown group keys in their state dict; keep it small
+        # timm's schedulers multiply lr_scale into every scheduled value (their base is the group's
+        # initial lr, so it must stay unscaled); without a scheduler nobody would apply it
+        if "lr_scale" in g and train_cfg.sched.lower() in ("none", ""):
+            g["lr"] = train_cfg.lr * g["lr_scale"]
     kwargs: dict[str, Any] = {"lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay}
     if train_cfg.optimizer.lower() in ("sgd", "momentum", "nesterov", "rmsprop", "lars"):
         kwargs["momentum"] = train_cfg.momentum
