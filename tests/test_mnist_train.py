@@ -77,6 +77,25 @@ def test_random_placement_moves_digit_and_keypoints() -> None:
     assert len(seen) > 5
 
 
+def test_keypoint_jitter_moves_the_five_points_together_not_the_digit() -> None:
+    images = torch.zeros(1, 40, 40, dtype=torch.uint8)
+    images[0, 16:24, 18:22] = 255
+    plain = DigitDataset(images, torch.tensor([3]))[0]
+    ds = DigitDataset(images, torch.tensor([3]), keypoint_jitter=2.5)
+    torch.manual_seed(0)
+    offsets = []
+    for _ in range(30):
+        item = ds[0]
+        assert torch.equal(item["image"], plain["image"])
+        delta = item["keypoints"] - plain["keypoints"]
+        assert torch.allclose(delta, delta[:1].expand_as(delta), atol=1e-6)  # one shared offset
+        assert delta.abs().max().item() <= 2.5 / 40 + 1e-6
+        offsets.append(delta[0])
+    assert torch.stack(offsets).std(0).min().item() > 0.01  # both axes actually move
+    with pytest.raises(ValueError, match="keypoint_jitter"):
+        DigitDataset(images, torch.tensor([3]), keypoint_jitter=-1)
+
+
 def test_build_data_reads_a_data_root_and_official_affnist(tmp_path: Path) -> None:
     from scipy.io import savemat
 

@@ -47,11 +47,17 @@ class DigitDataset(Dataset):
         placement: ``"centre"`` as given, or ``"random"``: each access shifts the digit by a random
             whole number of pixels that keeps its box inside the frame (CapsNet protocol); the
             keypoints move with it.
+        keypoint_jitter: training only: shift the five keypoints together by a uniform random
+            offset of up to this many pixels per axis (the image is not moved).
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, placement: str = "centre"):
+    def __init__(self, images: Tensor, labels: Tensor, placement: str = "centre",
+                 keypoint_jitter: float = 0.0):
         if placement not in ("centre", "random"):
             raise ValueError(f"data.placement={placement!r}: expected 'centre' or 'random'")
+        if keypoint_jitter < 0:
+            raise ValueError(f"data.keypoint_jitter={keypoint_jitter}: expected >= 0 (pixels)")
+        self.keypoint_jitter = float(keypoint_jitter)
         self.images = images.contiguous()
         self.labels = labels.long()
         self.keypoints = box_keypoints_batched(self.images)
@@ -69,6 +75,11 @@ class DigitDataset(Dataset):
             shift = lo + (torch.rand(2) * (hi - lo + 1).float()).long().clamp(max=(hi - lo))
             image = torch.roll(image, (int(shift[1]), int(shift[0])), dims=(0, 1))
             kp = (kp + shift.float() / size).clamp(0, 1)
+        if self.keypoint_jitter > 0:
+            # one offset for all five points, uniform in ±jitter px: the keypoints move against the
+            # patch grid while the digit does not (a test digit's phase relative to the grid varies)
+            offset = (torch.rand(2) * 2 - 1) * self.keypoint_jitter / image.shape[-1]
+            kp = (kp + offset).clamp(0, 1)
         return {"image": image[None].float() / 255.0, "keypoints": kp, "label": self.labels[index]}
 
 
@@ -119,7 +130,8 @@ def build_data(cfg) -> TaskData:
             evals[key] = DigitDataset(x, y)
     info = {"num_classes": 10, "num_keypoints": 5, "img_size": 40,
             "train_size": len(x_train), "test_sets": sorted(evals)}
-    return TaskData(train=DigitDataset(x_train, y_train, d.placement), evals=evals, info=info)
+    train = DigitDataset(x_train, y_train, d.placement, _cfg_get(cfg, "data.keypoint_jitter", 0.0))
+    return TaskData(train=train, evals=evals, info=info)
 
 
 def build_model(cfg, info: dict) -> nn.Module:
