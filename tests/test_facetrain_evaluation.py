@@ -1,17 +1,21 @@
-"""Face evaluation: flip fusion, the Fig. 5 alignment sweep, sweep CSV/PNG."""
+"""Face evaluation: flip fusion, the detection crop, the Fig. 5 alignment sweep, sweep CSV/PNG."""
 
 from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 from kpt_plugins.face.align import ARCFACE_TEMPLATE_112
 from kpt_plugins.face.evaluation import (
     PairSet,
+    detection_crop_matrices,
+    detection_crops,
     embed,
     evaluate_pairs,
     interpolate_similarity,
     sweep_images,
+    synthetic_pair_set,
     write_sweep,
 )
 from kpt_plugins.face.synthetic_dataset import synthetic_pairs
@@ -90,3 +94,36 @@ def test_write_sweep_csv_and_png(tmp_path):
         table = list(csv.DictReader(fh))
     assert [r["accuracy"] for r in table] == ["0.6000", "0.8000"]
     assert png_path is not None and png_path.stat().st_size > 1000
+
+
+def test_detection_crop_maps_the_box_onto_the_square_crop():
+    # a 40×20 white box at x 30..70, y 50..70 of a 100×120 (H×W) image
+    images = torch.zeros(2, 3, 100, 120, dtype=torch.uint8)
+    images[:, :, 50:70, 30:70] = 255
+    boxes = torch.tensor([[30 / 120, 50 / 100, 70 / 120, 70 / 100]] * 2)
+    kp = torch.tensor([[[30 / 120, 50 / 100], [70 / 120, 70 / 100], [50 / 120, 60 / 100],
+                        [30 / 120, 70 / 100], [70 / 120, 50 / 100]]] * 2)
+    pairs = PairSet("toy", images, torch.tensor([True]), kp)
+    crop = detection_crops(pairs, boxes, size=112)
+    assert crop.images.shape == (2, 3, 112, 112) and crop.images.dtype == torch.uint8
+    # square side = the longer box side (40 px) → scale 112/40; the box spans all x, and the
+    # middle half of y (20 of 40 px)
+    expected = torch.tensor([[0.0, 0.25], [1.0, 0.75], [0.5, 0.5], [0.0, 0.75], [1.0, 0.25]])
+    torch.testing.assert_close(crop.keypoints[0], expected, atol=1e-5, rtol=0)
+    rows = crop.images[0, 0].float().mean(1)
+    assert rows[40:72].min() > 200 and rows[:24].max() < 30 and rows[-24:].max() < 30
+    with_margin = detection_crop_matrices(boxes[:1], (100, 120), 112, margin=1.0)
+    torch.testing.assert_close(with_margin[0, 0, 0], torch.tensor(112 / 80))
+
+
+def test_unaligned_crop_protocol_carries_ground_truth_into_the_crop():
+    raw = synthetic_pair_set("unaligned", 4, seed=2, keypoints="ground_truth")
+    crop = synthetic_pair_set("unaligned_crop", 4, seed=2, keypoints="ground_truth")
+    assert crop.name == "synthetic-unaligned-crop" and crop.images.shape == raw.images.shape
+    # GT landmarks spread less in the crop than in the raw frame: the crop undoes scale and shift
+    centre = torch.tensor([0.5, 0.5])
+    assert ((crop.keypoints.mean(1) - centre).norm(dim=-1).mean()
+            < (raw.keypoints.mean(1) - centre).norm(dim=-1).mean())
+    assert torch.isfinite(crop.keypoints).all()
+    with pytest.raises(ValueError, match="unaligned_crop"):
+        synthetic_pair_set("sideways", 4)

@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
 def test_train_smoke_writes_aligned_and_unaligned_accuracy(trained):
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["step"] == 10
-    for key in ("aligned_accuracy", "unaligned_accuracy", "accuracy"):
+    for key in ("aligned_accuracy", "unaligned_accuracy", "unaligned_crop_accuracy", "accuracy"):
         assert 0.0 <= summary[key] <= 1.0
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["type"] == "train"]

@@ -10,6 +10,9 @@ the protocol:
 * **unaligned**: raw images (the synthetic ``unaligned`` split: random similarity + shear around
   the face) given to the backbone as they are, with keypoints from RetinaFace (the paper's
   protocol) or the ground truth. Images where RetinaFace finds no face get the template.
+* **unaligned_crop**: the same raw images cropped square around RetinaFace's box and resized to
+  112×112, without alignment (the "detection crop" where the paper's Fig. 5 path starts); the
+  keypoints are carried into the crop. Images without a face keep their whole frame.
 
 Embeddings use flip fusion as insightface: ``l2n(f(x, k) + f(flip(x), flip(k)))`` where the
 mirrored keypoints are the mirrored detections with left/right points swapped (the official
@@ -41,7 +44,10 @@ from .augment import flip_keypoints, normalize_images
 __all__ = [
     "PairSet",
     "alignment_sweep",
+    "detect_faces",
+    "detection_crop_matrices",
     "detect_keypoints",
+    "detection_crops",
     "embed",
     "evaluate_pairs",
     "load_bin_set",
@@ -98,24 +104,73 @@ def get_detector(padding_ratio: float = 0.0, input_size: int | None = None,
 
 
 @torch.no_grad()
-def detect_keypoints(images: Tensor, batch_size: int = 64, crop: bool = False,
-                     weights: str = "") -> tuple[Tensor, Tensor]:
-    """RetinaFace keypoints of uint8 RGB images (N, 3, H, W).
+def detect_faces(images: Tensor, batch_size: int = 64, crop: bool = False,
+                 weights: str = "") -> tuple[Tensor, Tensor, Tensor]:
+    """RetinaFace's best face in uint8 RGB images (N, 3, H, W).
 
     Args:
         crop: the images are tight aligned crops (faces touch the border): pad by 21.5 % and
             detect at 160 px, CVLface's recipe for 112×112 training crops.
 
     Returns:
-        keypoints (N, 5, 2) normalised, found (N,) bool (template where not found).
+        boxes (N, 4) normalised (x0, y0, x1, y1) (the whole frame where not found), keypoints
+        (N, 5, 2) normalised (template where not found), found (N,) bool.
     """
     detector = get_detector(0.215 if crop else 0.0, 160 if crop else None, weights)
-    points, found = [], []
+    boxes, points, found = [], [], []
     for start in range(0, len(images), batch_size):
-        kp, ok = detector(images[start:start + batch_size])
+        box, kp, ok, _ = detector.best_detection(images[start:start + batch_size])
+        boxes.append(box.float().cpu())
         points.append(kp.float().cpu())
         found.append(ok.cpu())
-    return torch.cat(points), torch.cat(found)
+    return torch.cat(boxes), torch.cat(points), torch.cat(found)
+
+
+def detect_keypoints(images: Tensor, batch_size: int = 64, crop: bool = False,
+                     weights: str = "") -> tuple[Tensor, Tensor]:
+    """RetinaFace keypoints (N, 5, 2) and found (N,) of uint8 RGB images (see :func:`detect_faces`)."""
+    _, points, found = detect_faces(images, batch_size, crop, weights)
+    return points, found
+
+
+def detection_crop_matrices(boxes: Tensor, image_hw: tuple[int, int], size: int = 112,
+                            margin: float = 0.0) -> Tensor:
+    """Source→crop pixel matrices (N, 2, 3) of square crops around detection boxes.
+
+    The crop is centred on the box, its side is the longer box side × (1 + ``margin``), and it
+    is scaled to ``size`` × ``size``: a face cropped by its detection box, not aligned (no
+    rotation), the starting point of the paper's Fig. 5 path. Parts outside the image are black.
+
+    Args:
+        boxes: (N, 4) normalised (x0, y0, x1, y1).
+        image_hw: (H, W) of the images the boxes refer to.
+    """
+    h, w = image_hw
+    px = boxes.double() * torch.tensor([w, h, w, h], dtype=torch.float64)
+    centre = (px[:, :2] + px[:, 2:]) / 2
+    side = (px[:, 2:] - px[:, :2]).amax(1).clamp(min=1.0) * (1.0 + margin)
+    scale = size / side
+    m = torch.zeros(len(boxes), 2, 3, dtype=torch.float64)
+    m[:, 0, 0] = scale
+    m[:, 1, 1] = scale
+    m[:, :, 2] = (size / 2) - centre * scale[:, None]
+    return m.float()
+
+
+def detection_crops(pairs: PairSet, boxes: Tensor, size: int = 112, margin: float = 0.0,
+                    name: str = "") -> PairSet:
+    """``pairs`` cropped square around their detection boxes, keypoints carried along.
+
+    Args:
+        boxes: (2P, 4) normalised boxes of ``pairs.images`` (e.g. from :func:`detect_faces`).
+    """
+    h, w = pairs.images.shape[-2:]
+    m = detection_crop_matrices(boxes, (h, w), size, margin)
+    images = warp_affine(pairs.images.float(), m, (size, size)).round().clamp(0, 255)
+    src = torch.tensor([w, h], dtype=torch.float32)
+    keypoints = transform_points(pairs.keypoints.float() * src, m) / size
+    return PairSet(name or f"{pairs.name}-crop", images.to(torch.uint8), pairs.issame, keypoints,
+                   pairs.found, pairs.source)
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -170,28 +225,43 @@ def synthetic_pair_set(split: str, num_pairs: int, seed: int = 0, keypoints: str
     """A synthetic verification set (identities disjoint from training).
 
     Args:
-        split: ``aligned`` or ``unaligned`` (the renderer's placement).
-        keypoints: ``retinaface``, ``ground_truth`` or ``template``.
+        split: ``aligned``, ``unaligned`` (the renderer's placements) or ``unaligned_crop``:
+            the unaligned images cropped square around RetinaFace's box (not aligned), the
+            detection-crop start of the paper's Fig. 5 path.
+        keypoints: ``retinaface``, ``ground_truth`` or ``template``; for ``unaligned_crop`` the
+            keypoints of the raw image carried into the crop.
     """
     key = (split, num_pairs, seed, keypoints, detector_weights)
     if key in _SYNTHETIC_SETS:  # deterministic: benchmarks training several models reuse it
         return _SYNTHETIC_SETS[key]
-    from .synthetic_dataset import synthetic_pairs
-
-    pairs, gt = synthetic_pairs(num_pairs, split, seed)
-    found = torch.ones(len(gt), dtype=torch.bool)
-    if keypoints == "ground_truth":
-        kp = gt
-    elif keypoints == "template":
-        kp = template_keypoints(len(gt))
-    elif keypoints == "retinaface":
-        kp, found = detect_keypoints(pairs.images, crop=split == "aligned",
-                                     weights=detector_weights)
-    else:
+    if split not in ("aligned", "unaligned", "unaligned_crop"):
+        raise ValueError(f"synthetic protocol must be aligned, unaligned or unaligned_crop, got "
+                         f"{split!r}")
+    if keypoints not in ("ground_truth", "template", "retinaface"):
         raise ValueError(f"eval keypoints must be retinaface, ground_truth or template, got "
                          f"{keypoints!r}")
-    _SYNTHETIC_SETS[key] = PairSet(pairs.name, pairs.images, pairs.issame, kp, found, keypoints)
-    return _SYNTHETIC_SETS[key]
+    from .synthetic_dataset import synthetic_pairs
+
+    render_split = "unaligned" if split == "unaligned_crop" else split
+    pairs, gt = synthetic_pairs(num_pairs, render_split, seed)
+    found = torch.ones(len(gt), dtype=torch.bool)
+    boxes = None
+    if split == "unaligned_crop" or keypoints == "retinaface":
+        boxes, detected, detected_found = detect_faces(pairs.images, crop=split == "aligned",
+                                                       weights=detector_weights)
+    if keypoints == "retinaface":
+        kp, found = detected, detected_found
+    elif keypoints == "ground_truth":
+        kp = gt
+    else:
+        kp = template_keypoints(len(gt))
+    result = PairSet(pairs.name, pairs.images, pairs.issame, kp, found, keypoints)
+    if split == "unaligned_crop":
+        result = detection_crops(result, boxes, name="synthetic-unaligned-crop")
+        if keypoints == "template":
+            result.keypoints = template_keypoints(len(gt))
+    _SYNTHETIC_SETS[key] = result
+    return result
 
 
 _SYNTHETIC_SETS: dict[tuple, PairSet] = {}
@@ -307,7 +377,7 @@ def write_sweep(rows: dict[str, list[dict[str, float]]], out: str | Path,
     for label, series in rows.items():
         ax.plot([r["t"] for r in series], [100 * r["accuracy"] for r in series], marker="o",
                 label=label)
-    ax.set_xlabel("alignment (0 = raw, 1 = aligned)")
+    ax.set_xlabel("alignment (0 = start, e.g. detection crop; 1 = aligned)")
     ax.set_ylabel("verification accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

@@ -277,7 +277,7 @@ def evaluate_sets(model: nn.Module, sets: dict[str, PairSet], cfg: Config,
         res = evaluate_pairs(model, pairs, cfg.eval.batch_size, device, cfg.eval.flip)
         for field in ("accuracy", "accuracy_std", "threshold", "val", "far"):
             metrics[f"{pairs.name}/{field}"] = res[field]
-        if key in ("aligned", "unaligned"):
+        if key in ("aligned", "unaligned", "unaligned_crop"):
             metrics[f"{key}_accuracy"] = res["accuracy"]
         accs.append(res["accuracy"])
     metrics["accuracy"] = float(sum(accs) / len(accs)) if accs else 0.0

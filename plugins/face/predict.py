@@ -162,7 +162,7 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-flip", action="store_true", help="disable flip fusion")
     parser.add_argument("--sweep", type=int, default=0, metavar="N",
-                        help="Fig. 5: accuracy at N alignment steps of the synthetic unaligned set")
+                        help="Fig. 5: accuracy at N steps from the detection crop to the aligned crop")
     parser.add_argument("--out", default="", help="folder for metrics.json and the sweep CSV/PNG")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -176,6 +176,8 @@ def eval_main(argv: list[str]) -> int:
                                                            "ground_truth")
             sets["synthetic-unaligned"] = synthetic_pair_set("unaligned", args.pairs, 0,
                                                              args.unaligned_keypoints)
+            sets["synthetic-unaligned-crop"] = synthetic_pair_set(
+                "unaligned_crop", args.pairs, 0, args.unaligned_keypoints)
         else:
             pairs = load_bin_set(name, args.keypoints, args.limit or None)
             sets[pairs.name] = pairs
@@ -191,11 +193,11 @@ def eval_main(argv: list[str]) -> int:
               f"{100 * res['accuracy_std']:>6.2f} {res['threshold']:>7.2f} "
               f"{100 * res['val']:>8.2f}% {100 * fraction_found(pairs):>5.0f}%")
     if args.sweep:
-        if "synthetic-unaligned" not in sets:
-            sets["synthetic-unaligned"] = synthetic_pair_set("unaligned", args.pairs, 0,
-                                                             args.unaligned_keypoints)
-        rows = alignment_sweep(backbone, sets["synthetic-unaligned"], args.sweep,
-                               args.batch_size, args.device, not args.no_flip)
+        # Fig. 5 starts at the detection crop and ends at the aligned crop
+        start = sets.get("synthetic-unaligned-crop") or synthetic_pair_set(
+            "unaligned_crop", args.pairs, 0, args.unaligned_keypoints)
+        rows = alignment_sweep(backbone, start, args.sweep, args.batch_size, args.device,
+                               not args.no_flip)
         out = Path(args.out or ".") / "alignment_sweep"
         csv_path, png_path = write_sweep({Path(weights).parent.name or "model": rows}, out)
         for r in rows:

@@ -269,7 +269,16 @@ class RetinaFaceKeypoints(nn.Module):
         return keypoints, found
 
     def best_face(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Five keypoints of the best face per image.
+        """Five keypoints of the best face per image: (keypoints, found, scores).
+
+        See :meth:`best_detection` (this drops its boxes).
+        """
+        _, points, found, scores = self.best_detection(images)
+        return points, found, scores
+
+    def best_detection(self, images: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Box and five keypoints of the best face per image.
 
         The best face is the highest-scoring prior: it always survives NMS, so this equals
         "NMS, then take the top detection" (CVLface's aligner) without the sequential NMS, and
@@ -279,10 +288,11 @@ class RetinaFaceKeypoints(nn.Module):
             images: (B, 3, H, W) RGB, uint8 0–255 or float in ``value_range``.
 
         Returns:
-            keypoints (B, 5, 2) float (x, y) normalised to [0, 1] by W and H of ``images``
-            (points may fall slightly outside); found (B,) bool. Images without a face
-            (best score < ``found_threshold``) get the ArcFace template / 112, never NaN.
-            Also the best scores (B,).
+            boxes (B, 4) float (x0, y0, x1, y1) normalised like the keypoints (images without a
+            face get the whole frame (0, 0, 1, 1)); keypoints (B, 5, 2) float (x, y) normalised
+            to [0, 1] by W and H of ``images`` (points may fall slightly outside); found (B,)
+            bool. Images without a face (best score < ``found_threshold``) get the ArcFace
+            template / 112, never NaN. Also the best scores (B,).
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got shape {tuple(images.shape)}")
@@ -295,15 +305,19 @@ class RetinaFaceKeypoints(nn.Module):
             x = nn.functional.interpolate(
                 x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False
             )
-        _, scores, landmarks = self.forward_raw(x)
+        boxes, scores, landmarks = self.forward_raw(x)
         best = scores.argmax(dim=1)
         rows = torch.arange(b, device=x.device)
         points = landmarks[rows, best]  # (B, 5, 2) normalised in the padded frame
+        corners = boxes[rows, best].view(b, 2, 2)
         # padded frame → original frame: p_orig = (p·(W + 2·pad) − pad) / W
         size = torch.tensor([w, h], device=x.device, dtype=points.dtype)
         pad = torch.tensor([pad_x, pad_y], device=x.device, dtype=points.dtype)
         points = (points * (size + 2 * pad) - pad) / size
+        corners = (corners * (size + 2 * pad) - pad) / size
         found = scores[rows, best] >= self.found_threshold
         fallback = _canonical_keypoints(b, x.device, points.dtype)
         points = torch.where(found[:, None, None], points, fallback)
-        return points, found, scores[rows, best]
+        whole = torch.tensor([[0.0, 0.0], [1.0, 1.0]], device=x.device, dtype=corners.dtype)
+        corners = torch.where(found[:, None, None], corners, whole)
+        return corners.reshape(b, 4), points, found, scores[rows, best]
