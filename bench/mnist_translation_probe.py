@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -47,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 
-    import kpt
     from kpt_plugins.mnist.affnist import center_pad, make_affnist_synth, synth_variant
     from kpt_plugins.mnist.data import load_mnist
     from kpt_plugins.mnist.keypoints import box_keypoints
+
+    import kpt
 
     arrays = load_mnist()
     digits, labels = torch.as_tensor(arrays["x_test"]), torch.as_tensor(arrays["y_test"]).long()
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     biggest = shift_px.abs().amax(1)
     print(f"translation set: {len(y)} digits; per shift bin: " + ", ".join(
         f"{lo:g}-{hi:g} px {int(((biggest >= lo) & (biggest < hi)).sum())}"
-        for lo, hi in zip(SHIFT_BINS, SHIFT_BINS[1:])))
+        for lo, hi in pairwise(SHIFT_BINS)))
 
     for run in args.runs:
         model = kpt.load_model(str(run / "weights.safetensors"))
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         hit = accuracy(model, images, keypoints, y)
         phase = torch.round(shift_px) % patch
         by_shift = {f"{lo:g}-{hi:g}": 100 * hit[(biggest >= lo) & (biggest < hi)].mean().item()
-                    for lo, hi in zip(SHIFT_BINS, SHIFT_BINS[1:])}
+                    for lo, hi in pairwise(SHIFT_BINS)}
         by_phase = {int(p): 100 * hit[(phase[:, 0] == p) & (phase[:, 1] == p)].mean().item()
                     for p in range(patch)}
         print(f"\n{run}: translation accuracy {100 * hit.mean().item():.2f} %")
