@@ -96,6 +96,26 @@ def test_keypoint_jitter_moves_the_five_points_together_not_the_digit() -> None:
         DigitDataset(images, torch.tensor([3]), keypoint_jitter=-1)
 
 
+def test_keypoint_jitter_leaves_the_global_random_stream_alone() -> None:
+    """Models that ignore keypoints must see the same placements/shuffles with or without jitter."""
+    images = torch.zeros(1, 40, 40, dtype=torch.uint8)
+    images[0, 16:24, 18:22] = 255
+
+    def draws(jitter: float, seed: int) -> tuple[list, torch.Tensor]:
+        ds = DigitDataset(images, torch.tensor([3]), placement="random", keypoint_jitter=jitter,
+                          jitter_seed=seed)
+        torch.manual_seed(0)
+        items = [ds[0] for _ in range(10)]
+        return [it["image"] for it in items], torch.stack([it["keypoints"] for it in items])
+
+    plain_images, _ = draws(0.0, 0)
+    jit_images, jit_kp = draws(5.0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(plain_images, jit_images))
+    _, again = draws(5.0, 0)
+    _, other_seed = draws(5.0, 1)
+    assert torch.equal(jit_kp, again) and not torch.equal(jit_kp, other_seed)
+
+
 def test_build_data_reads_a_data_root_and_official_affnist(tmp_path: Path) -> None:
     from scipy.io import savemat
 

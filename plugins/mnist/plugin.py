@@ -49,10 +49,13 @@ class DigitDataset(Dataset):
             keypoints move with it.
         keypoint_jitter: training only: shift the five keypoints together by a uniform random
             offset of up to this many pixels per axis (the image is not moved).
+        jitter_seed: seed of the jitter's own generator. The jitter never draws from torch's
+            global generator, so models that do not read keypoints train exactly as without it
+            (same shuffles, same placements), and variants compare on the same data stream.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, placement: str = "centre",
-                 keypoint_jitter: float = 0.0):
+                 keypoint_jitter: float = 0.0, jitter_seed: int = 0):
         if placement not in ("centre", "random"):
             raise ValueError(f"data.placement={placement!r}: expected 'centre' or 'random'")
         if keypoint_jitter < 0:
@@ -62,6 +65,18 @@ class DigitDataset(Dataset):
         self.labels = labels.long()
         self.keypoints = box_keypoints_batched(self.images)
         self.placement = placement
+        self.jitter_seed = int(jitter_seed)
+        self._jitter_gen: torch.Generator | None = None
+        self._jitter_worker: int | None = None
+
+    def _jitter_generator(self) -> torch.Generator:
+        """The jitter generator of this process (each DataLoader worker seeds its own)."""
+        info = torch.utils.data.get_worker_info()
+        worker = -1 if info is None else info.id
+        if self._jitter_gen is None or self._jitter_worker != worker:
+            self._jitter_gen = torch.Generator().manual_seed(self.jitter_seed * 1009 + worker + 1)
+            self._jitter_worker = worker
+        return self._jitter_gen
 
     def __len__(self) -> int:
         return len(self.images)
@@ -78,7 +93,8 @@ class DigitDataset(Dataset):
         if self.keypoint_jitter > 0:
             # one offset for all five points, uniform in ±jitter px: the keypoints move against the
             # patch grid while the digit does not (a test digit's phase relative to the grid varies)
-            offset = (torch.rand(2) * 2 - 1) * self.keypoint_jitter / image.shape[-1]
+            offset = ((torch.rand(2, generator=self._jitter_generator()) * 2 - 1)
+                      * self.keypoint_jitter / image.shape[-1])
             kp = (kp + offset).clamp(0, 1)
         return {"image": image[None].float() / 255.0, "keypoints": kp, "label": self.labels[index]}
 
@@ -130,7 +146,8 @@ def build_data(cfg) -> TaskData:
             evals[key] = DigitDataset(x, y)
     info = {"num_classes": 10, "num_keypoints": 5, "img_size": 40,
             "train_size": len(x_train), "test_sets": sorted(evals)}
-    train = DigitDataset(x_train, y_train, d.placement, _cfg_get(cfg, "data.keypoint_jitter", 0.0))
+    train = DigitDataset(x_train, y_train, d.placement, _cfg_get(cfg, "data.keypoint_jitter", 0.0),
+                         jitter_seed=cfg.train.seed)
     return TaskData(train=train, evals=evals, info=info)
 
 
