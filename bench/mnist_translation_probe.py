@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for run in args.runs:
         model = kpt.load_model(str(run / "weights.safetensors"))
-        patch = 40 // int(model.grid_size[1])  # pixels per token
+        grid = getattr(model, "backbone", model).grid_size  # drawn variants wrap the ViT
+        patch = 40 // int(grid[1])  # pixels per token
         hit = accuracy(model, images, keypoints, y)
         phase = torch.round(shift_px) % patch
         by_shift = {f"{lo:g}-{hi:g}": 100 * hit[(biggest >= lo) & (biggest < hi)].mean().item()
