@@ -113,7 +113,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticks(range(len(variants)))
     ax.set_xticklabels([LABELS[v] for v in variants], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("accuracy %")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 122)  # headroom for the legend above the bars
     ax.legend(fontsize=7, loc="upper right", ncol=3)
     ax.set_title("MNIST → affnist-synth by position encoding", fontsize=9)
     fig.tight_layout()
