@@ -69,6 +69,7 @@ class PairSet:
         keypoints: (2P, 5, 2) float32 normalised (x, y) in the frame of ``images``.
         found: (2P,) bool, False where the keypoint source fell back to the template.
         source: where the keypoints come from (``retinaface``, ``template``, ``ground_truth``).
+        boxes: (2P, 4) normalised detection boxes when RetinaFace ran on ``images``, else None.
     """
 
     name: str
@@ -77,6 +78,7 @@ class PairSet:
     keypoints: Tensor
     found: Tensor = field(default_factory=lambda: torch.ones(0, dtype=torch.bool))
     source: str = "ground_truth"
+    boxes: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.issame.numel())
@@ -240,26 +242,30 @@ def synthetic_pair_set(split: str, num_pairs: int, seed: int = 0, keypoints: str
     if keypoints not in ("ground_truth", "template", "retinaface"):
         raise ValueError(f"eval keypoints must be retinaface, ground_truth or template, got "
                          f"{keypoints!r}")
+    if split == "unaligned_crop":
+        # crop the (cached) unaligned set: no second rendering, detection only if not done yet
+        raw = synthetic_pair_set("unaligned", num_pairs, seed, keypoints, detector_weights)
+        boxes = raw.boxes
+        if boxes is None:
+            boxes, _, _ = detect_faces(raw.images, weights=detector_weights)
+        result = detection_crops(raw, boxes, name="synthetic-unaligned-crop")
+        if keypoints == "template":
+            result.keypoints = template_keypoints(len(raw.keypoints))
+        _SYNTHETIC_SETS[key] = result
+        return result
     from .synthetic_dataset import synthetic_pairs
 
-    render_split = "unaligned" if split == "unaligned_crop" else split
-    pairs, gt = synthetic_pairs(num_pairs, render_split, seed)
+    pairs, gt = synthetic_pairs(num_pairs, split, seed)
     found = torch.ones(len(gt), dtype=torch.bool)
     boxes = None
-    if split == "unaligned_crop" or keypoints == "retinaface":
-        boxes, detected, detected_found = detect_faces(pairs.images, crop=split == "aligned",
-                                                       weights=detector_weights)
     if keypoints == "retinaface":
-        kp, found = detected, detected_found
+        boxes, kp, found = detect_faces(pairs.images, crop=split == "aligned",
+                                        weights=detector_weights)
     elif keypoints == "ground_truth":
         kp = gt
     else:
         kp = template_keypoints(len(gt))
-    result = PairSet(pairs.name, pairs.images, pairs.issame, kp, found, keypoints)
-    if split == "unaligned_crop":
-        result = detection_crops(result, boxes, name="synthetic-unaligned-crop")
-        if keypoints == "template":
-            result.keypoints = template_keypoints(len(gt))
+    result = PairSet(pairs.name, pairs.images, pairs.issame, kp, found, keypoints, boxes)
     _SYNTHETIC_SETS[key] = result
     return result
 
