@@ -37,59 +37,75 @@ VARIANTS = ("abs", "abs+irpe", "abs+kprpe", "kprpe")
 
 
 def run_variant(pos: str, args: argparse.Namespace, out: Path) -> dict:
-    """Train one variant and evaluate it; returns its metrics."""
-    from kpt.config import build_config
-    from kpt.engine.trainer import train
-    from kpt.plugin import load_plugin
+    """Train one variant (unless ``--eval-only``) and evaluate it; returns its metrics."""
+    import kpt
 
-    plugin = load_plugin("face")
-    overrides = [f"model.pos={pos}", f"train.max_steps={args.steps}", "train.epochs=0",
-                 f"train.batch_size={args.batch_size}", f"train.seed={args.seed}",
-                 f"data.num_identities={args.identities}",
-                 f"data.images_per_identity={args.images_per_identity}",
-                 f"eval.synthetic_pairs={args.pairs}", "train.log_every=25",
-                 f"train.warmup_epochs={args.warmup_epochs}", *args.overrides]
-    cfg = build_config(plugin, overrides=overrides)
-    start = time.process_time()
-    wall = time.perf_counter()
-    summary = train(plugin, cfg, out / pos.replace("+", "_"))
-    result = {"pos": pos, "aligned": summary["aligned_accuracy"],
-              "unaligned_retinaface": summary["unaligned_accuracy"],
-              "unaligned_crop": summary.get("unaligned_crop_accuracy", float("nan")),
-              "cpu_s": round(time.process_time() - start, 1),
-              "wall_s": round(time.perf_counter() - wall, 1), "steps": summary["step"]}
+    run = out / pos.replace("+", "_")
+    result: dict = {"pos": pos}
+    if args.eval_only:
+        model = kpt.load_model(str(run / "weights.safetensors"))
+        result.update(evaluate_protocols(model, args))
+    else:
+        from kpt.config import build_config
+        from kpt.engine.trainer import train
+        from kpt.plugin import load_plugin
+
+        plugin = load_plugin("face")
+        overrides = [f"model.pos={pos}", f"train.max_steps={args.steps}", "train.epochs=0",
+                     f"train.batch_size={args.batch_size}", f"train.seed={args.seed}",
+                     f"data.num_identities={args.identities}",
+                     f"data.images_per_identity={args.images_per_identity}",
+                     f"eval.synthetic_pairs={args.pairs}", "train.log_every=25",
+                     f"train.warmup_epochs={args.warmup_epochs}", *args.overrides]
+        cfg = build_config(plugin, overrides=overrides)
+        start = time.process_time()
+        wall = time.perf_counter()
+        summary = train(plugin, cfg, run)
+        result.update({"aligned": summary["aligned_accuracy"],
+                       "unaligned_retinaface": summary["unaligned_accuracy"],
+                       "unaligned_crop": summary.get("unaligned_crop_accuracy", float("nan")),
+                       "cpu_s": round(time.process_time() - start, 1),
+                       "wall_s": round(time.perf_counter() - wall, 1), "steps": summary["step"]})
+        model = kpt.load_model(str(run / "weights.safetensors"))
+    from kpt_plugins.face.evaluation import alignment_sweep, evaluate_pairs, synthetic_pair_set
+
     if args.gt:
-        from kpt_plugins.face.evaluation import evaluate_pairs, synthetic_pair_set
-
-        import kpt
-
-        model = kpt.load_model(str(out / pos.replace("+", "_") / "weights.safetensors"))
         gt = synthetic_pair_set("unaligned", args.pairs, 0, "ground_truth")
         result["unaligned_gt"] = evaluate_pairs(model, gt)["accuracy"]
+    if args.template:
+        # keypoint-blind control: the same unaligned images with the template's points; a model
+        # that uses its keypoints loses accuracy here, one that ignores them does not
+        blind = synthetic_pair_set("unaligned", args.pairs, 0, "template")
+        result["unaligned_template"] = evaluate_pairs(model, blind)["accuracy"]
     if args.sweep:
-        from kpt_plugins.face.evaluation import alignment_sweep, synthetic_pair_set
-
-        import kpt
-
-        model = kpt.load_model(str(out / pos.replace("+", "_") / "weights.safetensors"))
         # Fig. 5: from the detection crop to the aligned crop, the path set by the GT keypoints
         start = synthetic_pair_set("unaligned_crop", args.pairs, 0, "ground_truth")
         result["sweep"] = alignment_sweep(model, start, args.sweep)
     return result
 
 
+def evaluate_protocols(model: torch.nn.Module, args: argparse.Namespace) -> dict:
+    """Aligned, unaligned (RetinaFace kp) and detection-crop accuracy of a trained model."""
+    from kpt_plugins.face.evaluation import evaluate_pairs, synthetic_pair_set
+
+    sets = {"aligned": ("aligned", "ground_truth"), "unaligned_retinaface": ("unaligned", "retinaface"),
+            "unaligned_crop": ("unaligned_crop", "retinaface")}
+    return {key: evaluate_pairs(model, synthetic_pair_set(split, args.pairs, 0, kp))["accuracy"]
+            for key, (split, kp) in sets.items()}
+
+
+COLUMNS = (("aligned", "aligned"), ("unaligned_retinaface", "unaligned (RetinaFace kp)"),
+           ("unaligned_crop", "detection crop (RetinaFace)"), ("unaligned_gt", "unaligned (GT kp)"),
+           ("unaligned_template", "unaligned (template kp)"))
+
+
 def markdown_table(results: list[dict]) -> str:
-    """Accuracy table (percent) in markdown."""
-    has_gt = all("unaligned_gt" in r for r in results)
-    head = ("| pos | aligned | unaligned (RetinaFace kp) | detection crop (RetinaFace) |"
-            + (" unaligned (GT kp) |" if has_gt else ""))
-    lines = [head, "|---" * (5 if has_gt else 4) + "|"]
+    """Accuracy table (percent) in markdown; optional columns only when every row has them."""
+    cols = [(k, label) for k, label in COLUMNS if all(k in r for r in results)]
+    lines = ["| pos | " + " | ".join(label for _, label in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
     for r in results:
-        row = (f"| `{r['pos']}` | {100 * r['aligned']:.1f} | "
-               f"{100 * r['unaligned_retinaface']:.1f} | {100 * r['unaligned_crop']:.1f} |")
-        if has_gt:
-            row += f" {100 * r['unaligned_gt']:.1f} |"
-        lines.append(row)
+        lines.append(f"| `{r['pos']}` | " + " | ".join(f"{100 * r[k]:.1f}" for k, _ in cols) + " |")
     return "\n".join(lines)
 
 
@@ -100,10 +116,7 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("aligned", "aligned"), ("unaligned_retinaface", "unaligned, RetinaFace kp"),
-            ("unaligned_crop", "detection crop")]
-    if all("unaligned_gt" in r for r in results):
-        keys.append(("unaligned_gt", "unaligned, GT kp"))
+    keys = [(k, label) for k, label in COLUMNS if all(k in r for r in results)]
     fig, ax = plt.subplots(figsize=(5.0, 3.0), dpi=100)
     width = 0.8 / len(keys)
     for i, (key, label) in enumerate(keys):
@@ -132,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gt", action="store_true", help="also evaluate with ground-truth keypoints")
+    parser.add_argument("--template", action="store_true",
+                        help="also evaluate the unaligned images with the template's keypoints")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="evaluate the models already trained under --runs (no training)")
     parser.add_argument("--sweep", type=int, default=0, help="Fig. 5 sweep steps (0: off)")
     parser.add_argument("--out", default="bench_out/face_robustness")
     parser.add_argument("--runs", default="", help="run folders (default: <out>/runs)")
