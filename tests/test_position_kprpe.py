@@ -219,3 +219,38 @@ def test_other_bucket_methods(method, nb):
     expected = table[:, i, :, ids[..., i, j]]
     expected = expected.sum(-1) if method == "cross" else expected
     assert torch.allclose(bias[:, :, i, j], expected, atol=1e-6)
+
+
+def test_linear_tables_change_by_one_query_independent_offset_hidden_ones_do_not():
+    """A linear table is grid part + keypoint part, so moving the keypoints shifts every query's
+    table by the same vector; the non-linear encoder (``hidden``) makes the change depend on
+    where the query sits relative to the keypoints."""
+    kp1, kp2 = torch.rand(1, 5, 2), torch.rand(1, 5, 2)
+    linear = randomise(KeypointRPE(5, 2, 2, 6))
+    change = linear.tables(kp2) - linear.tables(kp1)  # (1, N, F)
+    assert torch.allclose(change, change[:, :1].expand_as(change), atol=1e-5)
+    encoded = randomise(KeypointRPE(5, 2, 2, 6, hidden=32))
+    change = encoded.tables(kp2) - encoded.tables(kp1)
+    assert (change - change[:, :1]).abs().amax() > 1e-2
+
+
+@pytest.mark.parametrize("window", [None, (4, 4)])
+def test_hidden_encoder_biases_gather_its_tables_and_train(window):
+    shift = None if window is None else [0, 2]
+    rpe = randomise(KeypointRPE(5, 2, 2, (6, 6), window_size=window, shift_sizes=shift, hidden=16))
+    assert rpe.linear.in_features == 16
+    kp = torch.rand(3, 5, 2)
+    tables = rpe.tables(kp).view(3, 36, 2, 2, 49)  # (B, N, layer, head, nb)
+    biases = rpe(kp)
+    if window is None:
+        ids = bucket_ids(6, 6)
+        ref = torch.gather(tables[:, :, 0].permute(0, 2, 1, 3), 3,
+                           ids.expand(3, 2, 36, 36))
+        assert torch.allclose(biases[0], ref, atol=1e-5)
+    else:
+        ref = reference_windowed_bias(tables[:, :, 1, 0], 6, 6, 4, 4, 2, 2)
+        assert torch.allclose(biases[1][:, 0], ref, atol=1e-5)
+    sum(b.sum() for b in biases).backward()
+    assert rpe.encoder[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="hidden"):
+        KeypointRPE(5, 2, 2, 6, hidden=-1)

@@ -104,6 +104,8 @@ class VisionTransformer(nn.Module):
         pos: position encoding, see module docstring.
         kprpe_variant: ``"rel"``, ``"rel_splithead"``, ``"rel_unshared"``,
             ``"rel_splithead_unshared"`` (official default).
+        kprpe_hidden: 0 (official linear tables) or the width of KP-RPE's non-linear keypoint
+            encoder (:class:`kpt.position.kprpe.KeypointRPE` ``hidden``).
         num_keypoints: K for KP-RPE.
         rpe_ratio: iRPE piecewise ratio r (1.9 → 49 product buckets) for rpe/irpe/kprpe.
         keypoint_grad: let gradients reach the keypoints (official: no).
@@ -130,6 +132,7 @@ class VisionTransformer(nn.Module):
         num_classes: int = 0,
         pos: str = "abs",
         kprpe_variant: str = "rel_splithead_unshared",
+        kprpe_hidden: int = 0,
         num_keypoints: int = 5,
         rpe_ratio: float = 1.9,
         keypoint_grad: bool = False,
@@ -219,6 +222,7 @@ class VisionTransformer(nn.Module):
                 ratio=rpe_ratio,
                 variant=kprpe_variant,
                 keypoint_grad=keypoint_grad,
+                hidden=kprpe_hidden,
             )
             if self.relative == "kprpe"
             else None

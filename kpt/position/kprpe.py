@@ -104,19 +104,31 @@ class KeypointRPE(nn.Module):
             the official model and the default).
         keypoint_grad: let gradients reach the keypoints (off by default, as official).
         method: iRPE bucket method (``"product"`` as official).
+        hidden: 0 (official): the tables are linear in the relative keypoints. > 0: the relative
+            keypoints first pass Linear(2K, hidden) → ReLU → LayerNorm(hidden), the feature map of
+            CVLface's ``rel_keypoint_v2`` variants, and ``linear`` maps those features to the
+            tables. Why offer it: a linear table splits into a grid-only part plus a keypoint-only
+            part that is the same for every query, so keypoints can only add one offset
+            preference shared by all patches (a translation); rotation and scale need a
+            preference that depends on the query's position *relative to* the keypoints, which
+            a non-linear map can give. kpt keeps the per-layer, per-head table layout of
+            ``variant`` (official v2 shares one table over heads).
 
-    The single ``nn.Linear`` ``linear`` maps 2K relative coordinates [dx0, dy0, dx1, ...] to the
-    tables, rows ordered (layer, head, bucket) and zero-initialised (KP-RPE starts as a no-op).
+    The ``nn.Linear`` ``linear`` maps the 2K relative coordinates [dx0, dy0, dx1, ...] (or the
+    ``hidden`` features) to the tables, rows ordered (layer, head, bucket) and zero-initialised
+    (KP-RPE starts as a no-op).
     """
 
     def __init__(self, num_keypoints: int, num_heads: int | Sequence[int], depth: int,
                  grid_size: int | tuple[int, int], window_size: int | tuple[int, int] | None = None,
                  shift_sizes: Sequence[int | tuple[int, int]] | None = None, ratio: float = 1.9,
                  variant: str = "rel_splithead_unshared", keypoint_grad: bool = False,
-                 method: str = "product") -> None:
+                 method: str = "product", hidden: int = 0) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown KP-RPE variant {variant!r}; expected one of {VARIANTS}")
+        if hidden < 0:
+            raise ValueError(f"hidden must be >= 0 (0: the official linear map), got {hidden}")
         if num_keypoints < 1 or depth < 1:
             raise ValueError(f"num_keypoints and depth must be >= 1, got {num_keypoints}, {depth}")
         heads = [int(num_heads)] * depth if isinstance(num_heads, int) else list(num_heads)
@@ -156,7 +168,10 @@ class KeypointRPE(nn.Module):
                 start += th * self.num_buckets
         self.offsets = offsets
         out_features = start if self.unshared else self.table_heads[0] * self.num_buckets
-        self.linear = nn.Linear(2 * num_keypoints, out_features)
+        self.hidden = hidden
+        self.encoder = (nn.Sequential(nn.Linear(2 * num_keypoints, hidden), nn.ReLU(),
+                                      nn.LayerNorm(hidden)) if hidden else None)
+        self.linear = nn.Linear(hidden or 2 * num_keypoints, out_features)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
         gh, gw = self.grid_size
@@ -165,7 +180,7 @@ class KeypointRPE(nn.Module):
     def extra_repr(self) -> str:
         return (f"variant={self.variant}, keypoints={self.num_keypoints}, depth={self.depth}, "
                 f"heads={self.heads}, grid={self.grid_size}, window={self.window_size}, "
-                f"buckets={self.num_buckets}")
+                f"buckets={self.num_buckets}, hidden={self.hidden}")
 
     def relative_keypoints(self, keypoints: torch.Tensor) -> torch.Tensor:
         """(B, K', 2) keypoints -> (B, N, 2K) patch-minus-keypoint features [dx0, dy0, ...]."""
@@ -175,25 +190,30 @@ class KeypointRPE(nn.Module):
         grid = self.grid.to(kp.dtype)
         return (grid[None, :, None, :] - kp[:, None, :, :]).flatten(2)
 
+    def encoded(self, keypoints: torch.Tensor) -> torch.Tensor:
+        """(B, N, 2K) relative keypoints, or (B, N, hidden) encoder features when ``hidden``."""
+        rel = self.relative_keypoints(keypoints)
+        return rel if self.encoder is None else self.encoder(rel)
+
     def tables(self, keypoints: torch.Tensor) -> torch.Tensor:
         """All per-token bucket tables at once, (B, N, F) = linear(rel) (for inspection).
 
         The forward pass never builds this: it computes each layer's table on its own.
         """
-        return self.linear(self.relative_keypoints(keypoints))
+        return self.linear(self.encoded(keypoints))
 
     def features(self, keypoints: torch.Tensor) -> torch.Tensor:
-        """(B, N, 2K + 1): the relative keypoints with a constant 1 appended.
+        """(B, N, C + 1): :meth:`encoded` (C = 2K or ``hidden``) with a constant 1 appended.
 
         The 1 carries the linear's bias, so a zero-padded token (all-zero features) gets an
         all-zero table, exactly the official zero padding of the table itself; this lets the
         windowed path pad/roll/partition the 2K + 1 features instead of the nb-wide tables.
         """
-        rel = self.relative_keypoints(keypoints)
+        rel = self.encoded(keypoints)
         return torch.cat([rel, torch.ones_like(rel[..., :1])], dim=-1)
 
     def _layer_weight(self, layer: int) -> torch.Tensor:
-        """(H_l, 2K + 1, nb): this layer's rows of [linear.weight | linear.bias]."""
+        """(H_l, C + 1, nb): this layer's rows of [linear.weight | linear.bias]."""
         th, nb = self.table_heads[layer], self.num_buckets
         rows = slice(self.offsets[layer], self.offsets[layer] + th * nb)
         weight = torch.cat([self.linear.weight[rows], self.linear.bias[rows, None]], dim=1)
