@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 VARIANTS = ("abs", "abs+irpe", "abs+kprpe", "kprpe")
+FACTORS = ("shift", "rotate", "scale")
 
 
 def run_variant(pos: str, args: argparse.Namespace, out: Path) -> dict:
@@ -77,6 +78,14 @@ def run_variant(pos: str, args: argparse.Namespace, out: Path) -> dict:
         # that uses its keypoints loses accuracy here, one that ignores them does not
         blind = synthetic_pair_set("unaligned", args.pairs, 0, "template")
         result["unaligned_template"] = evaluate_pairs(model, blind)["accuracy"]
+    for factor in FACTORS if args.factors else ():
+        # one misalignment at a time (GT keypoints): which of shift / rotation / scale is handled
+        split = f"unaligned_{factor}"
+        result[f"{factor}_gt"] = evaluate_pairs(
+            model, synthetic_pair_set(split, args.pairs, 0, "ground_truth"))["accuracy"]
+        if args.template:
+            result[f"{factor}_template"] = evaluate_pairs(
+                model, synthetic_pair_set(split, args.pairs, 0, "template"))["accuracy"]
     if args.sweep:
         # Fig. 5: from the detection crop to the aligned crop, the path set by the GT keypoints
         start = synthetic_pair_set("unaligned_crop", args.pairs, 0, "ground_truth")
@@ -96,7 +105,8 @@ def evaluate_protocols(model: torch.nn.Module, args: argparse.Namespace) -> dict
 
 COLUMNS = (("aligned", "aligned"), ("unaligned_retinaface", "unaligned (RetinaFace kp)"),
            ("unaligned_crop", "detection crop (RetinaFace)"), ("unaligned_gt", "unaligned (GT kp)"),
-           ("unaligned_template", "unaligned (template kp)"))
+           ("unaligned_template", "unaligned (template kp)"),
+           *((f"{f}_{kp}", f"{f} only ({kp} kp)") for f in FACTORS for kp in ("gt", "template")))
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -147,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gt", action="store_true", help="also evaluate with ground-truth keypoints")
     parser.add_argument("--template", action="store_true",
                         help="also evaluate the unaligned images with the template's keypoints")
+    parser.add_argument("--factors", action="store_true",
+                        help="also evaluate one misalignment factor at a time (shift, rotation, "
+                             "scale; GT keypoints, and template ones with --template)")
     parser.add_argument("--eval-only", action="store_true",
                         help="evaluate the models already trained under --runs (no training)")
     parser.add_argument("--sweep", type=int, default=0, help="Fig. 5 sweep steps (0: off)")

@@ -132,3 +132,26 @@ def test_renders_on_gpu_like_on_cpu():
     gpu, kp_gpu = render_faces(ids, ids, split="unaligned", device="cuda")
     assert torch.allclose(kp_cpu, kp_gpu.cpu(), atol=1e-5)
     assert (cpu.float() - gpu.cpu().float()).abs().mean() < 1.0
+
+
+def test_one_factor_splits_take_one_unaligned_factor_and_keep_the_rest_aligned():
+    ids, samples = np.arange(200) % 20, np.arange(200)
+    centre = np.array([56.0, 66.0])
+
+    def parts(split):
+        m = image_params(ids, samples, seed=3, split=split)["matrix"].astype(np.float64)
+        lin, t = m[:, :, :2], m[:, :, 2]
+        shift = t - centre + lin @ centre
+        return np.arctan2(lin[:, 1, 0], lin[:, 0, 0]), np.linalg.norm(lin[:, :, 0], axis=1), shift
+
+    angle_u, _, shift_u = parts("unaligned")
+    angle, scale, shift = parts("unaligned_rotate")
+    assert np.allclose(angle, angle_u, atol=1e-5) and np.abs(angle).max() > 0.5
+    assert np.all(np.abs(scale - 1) <= 0.03 + 1e-6) and np.abs(shift).max() <= 2 + 1e-3
+    angle, scale, shift = parts("unaligned_shift")
+    assert np.allclose(shift, shift_u, atol=1e-3) and np.abs(shift).max() > 20
+    assert np.abs(angle).max() <= 0.05 + 1e-6 and np.all(np.abs(scale - 1) <= 0.03 + 1e-6)
+    angle, scale, shift = parts("unaligned_scale")
+    assert scale.min() < 0.6 and scale.max() > 1.1 and np.abs(angle).max() <= 0.05 + 1e-6
+    with pytest.raises(ValueError, match="split"):
+        image_params(ids, samples, split="unaligned_shear")

@@ -227,7 +227,8 @@ def synthetic_pair_set(split: str, num_pairs: int, seed: int = 0, keypoints: str
     """A synthetic verification set (identities disjoint from training).
 
     Args:
-        split: ``aligned``, ``unaligned`` (the renderer's placements) or ``unaligned_crop``:
+        split: ``aligned``, ``unaligned`` (the renderer's placements), a one-factor diagnostic
+            split (``unaligned_shift`` / ``_rotate`` / ``_scale``) or ``unaligned_crop``:
             the unaligned images cropped square around RetinaFace's box (not aligned), the
             detection-crop start of the paper's Fig. 5 path.
         keypoints: ``retinaface``, ``ground_truth`` or ``template``; for ``unaligned_crop`` the
@@ -236,8 +237,10 @@ def synthetic_pair_set(split: str, num_pairs: int, seed: int = 0, keypoints: str
     key = (split, num_pairs, seed, keypoints, detector_weights)
     if key in _SYNTHETIC_SETS:  # deterministic: benchmarks training several models reuse it
         return _SYNTHETIC_SETS[key]
-    if split not in ("aligned", "unaligned", "unaligned_crop"):
-        raise ValueError(f"synthetic protocol must be aligned, unaligned or unaligned_crop, got "
+    from .synthetic import SPLITS
+
+    if split not in (*SPLITS, "unaligned_crop"):
+        raise ValueError(f"synthetic protocol must be one of {(*SPLITS, 'unaligned_crop')}, got "
                          f"{split!r}")
     if keypoints not in ("ground_truth", "template", "retinaface"):
         raise ValueError(f"eval keypoints must be retinaface, ground_truth or template, got "

@@ -181,7 +181,7 @@ def render_faces(
         identities, samples: equal-length integer sequences; the image of (identity, sample) is
             the same whatever else is in the batch.
         seed: data-set seed.
-        split: ``"aligned"`` or ``"unaligned"``.
+        split: one of :data:`SPLITS` (``"aligned"``, ``"unaligned"`` or a one-factor diagnostic split).
         size: output side in pixels (the canonical frame is 112 px and is scaled to it).
 
     Returns:

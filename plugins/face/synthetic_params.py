@@ -17,7 +17,7 @@ import numpy as np
 
 __all__ = ["NOISE_BANK", "NUM_MOLES", "NUM_WAVES", "SPLITS", "identity_params", "image_params"]
 
-SPLITS = ("aligned", "unaligned")
+SPLITS = ("aligned", "unaligned", "unaligned_shift", "unaligned_rotate", "unaligned_scale")
 _ID_STREAM, _IMG_STREAM = 11, 23  # separate random streams for identities and images
 
 _SKIN = np.array(
@@ -105,6 +105,14 @@ _PLACEMENT = {
     "aligned": ((0.97, 1.03), (-0.05, 0.05), (-2.0, 2.0), (-2.0, 2.0), (0, 0), (0, 0)),
     "unaligned": ((0.55, 1.15), (-0.6, 0.6), (-28, 28), (-28, 28), (-0.1, 0.1), (-0.08, 0.08)),
 }
+# Diagnostic splits: one factor of the unaligned placement at its full range, the others as
+# aligned, to see which misalignment an encoding copes with. They reuse the unaligned split's
+# random draws, so e.g. image k of ``unaligned_shift`` has image k of ``unaligned``'s shift.
+_PLACEMENT.update({
+    f"unaligned_{name}": tuple(_PLACEMENT["unaligned" if i in factor else "aligned"][i]
+                               for i in range(6))
+    for name, factor in (("shift", (2, 3)), ("rotate", (1,)), ("scale", (0,)))
+})
 _FACE_CENTRE = np.array([56.0, 66.0])  # placement rotates and scales about this point
 
 
