@@ -13,7 +13,10 @@ Each is evaluated on synthetic verification pairs (identities disjoint from trai
 crops, unaligned images with keypoints from RetinaFace (the paper's protocol) and with the
 ground-truth landmarks (the same protocol without detector noise), and the unaligned images cropped
 square around RetinaFace's box (the detection crop, where Fig. 5 starts). Writes a JSON, a markdown table
-and a PNG bar chart; ``--sweep N`` adds the Fig. 5 alignment sweep (CSV + PNG).
+and a PNG bar chart; ``--sweep N`` adds the Fig. 5 alignment sweep (CSV + PNG); ``--factors`` adds
+one-factor unaligned sets (shift only, rotation only, scale only, GT keypoints) to see which
+misalignment costs accuracy. Extra ``key=value`` overrides reach the config of every variant
+(e.g. ``model.args.head=avg``, ``model.args.kprpe_hidden=256``); ``--label`` names such runs.
 
 Run (the numbers in docs/face.md)::
 
@@ -41,8 +44,8 @@ def run_variant(pos: str, args: argparse.Namespace, out: Path) -> dict:
     """Train one variant (unless ``--eval-only``) and evaluate it; returns its metrics."""
     import kpt
 
-    run = out / pos.replace("+", "_")
-    result: dict = {"pos": pos}
+    run = out / (pos.replace("+", "_") + args.label)
+    result: dict = {"pos": pos + args.label}
     if args.eval_only:
         model = kpt.load_model(str(run / "weights.safetensors"))
         result.update(evaluate_protocols(model, args))
@@ -164,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="evaluate the models already trained under --runs (no training)")
     parser.add_argument("--sweep", type=int, default=0, help="Fig. 5 sweep steps (0: off)")
     parser.add_argument("--out", default="bench_out/face_robustness")
+    parser.add_argument("--label", default="",
+                        help="suffix of run folders and table rows (e.g. '-h256' for a run with "
+                             "model.args.kprpe_hidden=256)")
     parser.add_argument("--runs", default="", help="run folders (default: <out>/runs)")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = parser.parse_args(argv)
