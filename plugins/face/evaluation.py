@@ -40,6 +40,7 @@ from kpt.metrics import verification
 
 from .align import ARCFACE_TEMPLATE_112, alignment_matrix, transform_points, warp_affine
 from .augment import flip_keypoints, normalize_images
+from .synthetic_params import SPLITS
 
 __all__ = [
     "PairSet",
@@ -237,8 +238,6 @@ def synthetic_pair_set(split: str, num_pairs: int, seed: int = 0, keypoints: str
     key = (split, num_pairs, seed, keypoints, detector_weights)
     if key in _SYNTHETIC_SETS:  # deterministic: benchmarks training several models reuse it
         return _SYNTHETIC_SETS[key]
-    from .synthetic import SPLITS
-
     if split not in (*SPLITS, "unaligned_crop"):
         raise ValueError(f"synthetic protocol must be one of {(*SPLITS, 'unaligned_crop')}, got "
                          f"{split!r}")

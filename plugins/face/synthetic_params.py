@@ -17,7 +17,6 @@ import numpy as np
 
 __all__ = ["NOISE_BANK", "NUM_MOLES", "NUM_WAVES", "SPLITS", "identity_params", "image_params"]
 
-SPLITS = ("aligned", "unaligned", "unaligned_shift", "unaligned_rotate", "unaligned_scale")
 _ID_STREAM, _IMG_STREAM = 11, 23  # separate random streams for identities and images
 
 _SKIN = np.array(
@@ -113,6 +112,7 @@ _PLACEMENT.update({
                                for i in range(6))
     for name, factor in (("shift", (2, 3)), ("rotate", (1,)), ("scale", (0,)))
 })
+SPLITS = tuple(_PLACEMENT)  # aligned, unaligned, unaligned_shift, unaligned_rotate, unaligned_scale
 _FACE_CENTRE = np.array([56.0, 66.0])  # placement rotates and scales about this point
 
 
