@@ -18,9 +18,12 @@ one-factor unaligned sets (shift only, rotation only, scale only, GT keypoints) 
 misalignment costs accuracy. Extra ``key=value`` overrides reach the config of every variant
 (e.g. ``model.args.head=avg``, ``model.args.kprpe_hidden=256``); ``--label`` names such runs.
 
-Run (the numbers in docs/face.md)::
+Run (round 5 of docs/face.md; about 30 min of CPU for ``abs``, 40 for ``kprpe``, per seed)::
 
-    python bench/face_robustness.py --out docs/figures --steps 300
+    python bench/face_robustness.py --out OUT --variants abs kprpe --steps 4000 --batch-size 64 \
+        --identities 1000 --images-per-identity 8 --pairs 1000 --gt --factors --threads 1 \
+        --seed 0 --label=-avg-p8-4k model.embed_dim=64 model.depth=3 model.patch_size=8 \
+        model.args.head=avg eval.batch_size=100 train.eval_every=100000
 
 Everything is synthetic: the numbers compare encodings, they are not face-benchmark results.
 """

@@ -40,6 +40,15 @@ def test_train_smoke_writes_aligned_and_unaligned_accuracy(trained):
     assert model.backbone.uses_keypoints and model.backbone.pos == "abs+kprpe"
 
 
+def test_load_model_accepts_a_run_directory(trained, tmp_path):
+    from_file = kpt.load_model(str(trained / "weights.safetensors")).state_dict()
+    from_dir = kpt.load_model(trained).state_dict()
+    assert from_dir.keys() == from_file.keys()
+    assert all(torch.equal(from_dir[k], from_file[k]) for k in from_file)
+    with pytest.raises(FileNotFoundError, match="weights.safetensors"):
+        kpt.load_model(tmp_path)
+
+
 def test_eval_on_written_bin(trained, tmp_path, capsys):
     pairs, _ = synthetic_pairs(10, "aligned", seed=3)
     path = tmp_path / "tiny_lfw.bin"

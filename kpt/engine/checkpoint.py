@@ -235,13 +235,24 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], excluded: se
                               f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
+# what a run directory is resolved to, in order of preference (final weights first)
+RUN_WEIGHT_FILES = ("weights.safetensors", "best.pt", "last.pt")
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild and load a model from a run's ``last.pt``/``best.pt``/``weights.safetensors``.
 
     Other files (bare models written by ``kpt.models``) go to ``kpt.models.serialization.load_model``.
+    A run directory is accepted too and resolves to the first of ``RUN_WEIGHT_FILES`` it holds.
     The model is returned in eval mode.
     """
     path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in RUN_WEIGHT_FILES if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} is a directory without any of {list(RUN_WEIGHT_FILES)}; "
+                                    "pass a run directory or one of its weight files")
+        path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     if path.suffix == ".safetensors":
