@@ -149,6 +149,84 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def combine(dirs: list[Path], out: Path, baseline: str = "") -> str:
+    """Seed means of several bench outputs (one ``face_robustness.json`` per seed or run).
+
+    Rows with the same ``pos`` label are pooled; each cell is the mean with the range over seeds.
+    Below it, every other encoding's unaligned lead over ``baseline`` (default: the first label),
+    paired by seed. Writes ``face_robustness_seeds.md`` and ``.png`` under ``out``; returns the table.
+    """
+    import numpy as np
+
+    groups: dict[str, dict[int, dict]] = {}
+    for folder in dirs:
+        path = folder / "face_robustness.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no bench output here (run the bench with --out {folder})")
+        data = json.loads(path.read_text())
+        seed = int(data["config"]["seed"])
+        for result in data["results"]:
+            if seed in groups.setdefault(result["pos"], {}):
+                raise ValueError(f"{path}: {result['pos']!r} seed {seed} is already in another folder")
+            groups[result["pos"]][seed] = result
+    baseline = baseline or next(iter(groups))
+    if baseline not in groups:
+        raise ValueError(f"--baseline {baseline!r} is not among the rows {list(groups)}")
+    rows = list(groups.values())
+    cols = [(k, label) for k, label in COLUMNS if all(k in r for g in rows for r in g.values())]
+    lines = ["| pos | seeds | " + " | ".join(label for _, label in cols) + " |",
+             "|---" * (len(cols) + 2) + "|"]
+    for pos, by_seed in groups.items():
+        cells = []
+        for key, _ in cols:
+            vals = 100 * np.array([r[key] for r in by_seed.values()])
+            cells.append(f"{vals.mean():.1f} ({vals.min():.1f}-{vals.max():.1f})" if len(vals) > 1
+                         else f"{vals[0]:.1f}")
+        lines.append(f"| `{pos}` | {', '.join(map(str, sorted(by_seed)))} | " + " | ".join(cells) + " |")
+    lines += ["", f"Lead over `{baseline}` (points, paired by seed):", "",
+              "| pos | aligned | unaligned (RetinaFace kp), per seed | mean |", "|---|---|---|---|"]
+    for pos, by_seed in groups.items():
+        seeds = sorted(set(by_seed) & set(groups[baseline]))
+        if pos == baseline or not seeds:
+            continue
+        lead = [100 * (by_seed[s]["unaligned_retinaface"] - groups[baseline][s]["unaligned_retinaface"])
+                for s in seeds]
+        aligned = np.mean([100 * (by_seed[s]["aligned"] - groups[baseline][s]["aligned"]) for s in seeds])
+        per_seed = ", ".join(f"s{s} {v:+.1f}" for s, v in zip(seeds, lead))
+        lines.append(f"| `{pos}` | {aligned:+.1f} | {per_seed} | **{np.mean(lead):+.1f}** |")
+    table = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "face_robustness_seeds.md").write_text(table + "\n")
+    plot_seeds(groups, cols, out / "face_robustness_seeds.png")
+    return table
+
+
+def plot_seeds(groups: dict[str, dict[int, dict]], cols: list[tuple[str, str]], path: Path) -> None:
+    """Bars: seed mean per protocol and encoding; dots: the single seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 3.2), dpi=100)
+    width = 0.8 / len(groups)
+    for i, (pos, by_seed) in enumerate(groups.items()):
+        xs = [j + (i - (len(groups) - 1) / 2) * width for j in range(len(cols))]
+        vals = [[100 * r[key] for r in by_seed.values()] for key, _ in cols]
+        ax.bar(xs, [sum(v) / len(v) for v in vals], width, label=f"{pos} ({len(by_seed)} seeds)")
+        for x, v in zip(xs, vals):
+            ax.plot([x] * len(v), v, "k.", ms=3)
+    ax.set_xticks(range(len(cols)), [label.replace(" (", "\n(") for _, label in cols], fontsize=6)
+    ax.set_ylabel("verification accuracy (%)")
+    ax.set_ylim(45, 100)
+    ax.axhline(50, color="grey", lw=0.5)
+    ax.set_title("synthetic faces: seed means (bars) and single seeds (dots)", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
@@ -174,8 +252,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="suffix of run folders and table rows (e.g. '-h256' for a run with "
                              "model.args.kprpe_hidden=256)")
     parser.add_argument("--runs", default="", help="run folders (default: <out>/runs)")
+    parser.add_argument("--combine", nargs="+", default=[], metavar="DIR",
+                        help="no training: pool the face_robustness.json of earlier --out folders "
+                             "(one per seed) into seed means under --out")
+    parser.add_argument("--baseline", default="", help="with --combine: the row leads are measured "
+                                                       "against (default: the first)")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = parser.parse_args(argv)
+    if args.combine:
+        print(combine([Path(d) for d in args.combine], Path(args.out), args.baseline))
+        return 0
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)

@@ -47,3 +47,31 @@ def test_eval_only_without_a_trained_model_names_the_missing_file(tmp_path):
     with pytest.raises((FileNotFoundError, ValueError), match="weights.safetensors"):
         bench.main(["--variants", "abs", "--eval-only", "--runs", str(tmp_path / "none"),
                     "--out", str(tmp_path / "out"), "--pairs", "10"])
+
+
+def _write_output(folder: Path, seed: int, rows: dict[str, tuple[float, float]]) -> Path:
+    results = [{"pos": pos, "aligned": a, "unaligned_retinaface": u} for pos, (a, u) in rows.items()]
+    folder.mkdir(parents=True)
+    (folder / "face_robustness.json").write_text(json.dumps({"config": {"seed": seed},
+                                                             "results": results}))
+    return folder
+
+
+def test_combine_pools_seeds_and_pairs_leads_by_seed(tmp_path):
+    pytest.importorskip("matplotlib")
+    bench = _load_bench()
+    dirs = [_write_output(tmp_path / "s0", 0, {"abs": (0.90, 0.60), "kprpe": (0.92, 0.75)}),
+            _write_output(tmp_path / "s1_abs", 1, {"abs": (0.80, 0.70)}),
+            _write_output(tmp_path / "s1_kp", 1, {"kprpe": (0.84, 0.75)})]
+    assert bench.main(["--combine", *map(str, dirs), "--out", str(tmp_path / "all")]) == 0
+    table = (tmp_path / "all" / "face_robustness_seeds.md").read_text()
+    # abs: aligned (90 + 80) / 2, unaligned (60 + 70) / 2; kprpe: 88.0 and 75.0
+    assert "| `abs` | 0, 1 | 85.0 (80.0-90.0) | 65.0 (60.0-70.0) |" in table
+    assert "| `kprpe` | 0, 1 | 88.0 (84.0-92.0) | 75.0 (75.0-75.0) |" in table
+    # leads paired by seed: +15 and +5 unaligned, mean +10; aligned +2 and +4, mean +3
+    assert "| `kprpe` | +3.0 | s0 +15.0, s1 +5.0 | **+10.0** |" in table
+    assert (tmp_path / "all" / "face_robustness_seeds.png").is_file()
+    with pytest.raises(ValueError, match="seed 0 is already"):
+        bench.main(["--combine", str(dirs[0]), str(dirs[0]), "--out", str(tmp_path / "dup")])
+    with pytest.raises(FileNotFoundError, match="face_robustness.json"):
+        bench.main(["--combine", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
