@@ -125,6 +125,20 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _save_accuracy_chart(fig, ax, title: str, path: Path) -> None:
+    """The common frame of the bench's bar charts (accuracy axis, chance line, legend), then save."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel("verification accuracy (%)")
+    ax.set_ylim(45, 100)
+    ax.axhline(50, color="grey", lw=0.5)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot(results: list[dict], path: Path) -> None:
     """Grouped bars: aligned / unaligned accuracy per encoding."""
     import matplotlib
@@ -139,14 +153,7 @@ def plot(results: list[dict], path: Path) -> None:
         xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(results))]
         ax.bar(xs, [100 * r[key] for r in results], width, label=label)
     ax.set_xticks(range(len(results)), [r["pos"] for r in results])
-    ax.set_ylabel("verification accuracy (%)")
-    ax.set_ylim(45, 100)
-    ax.axhline(50, color="grey", lw=0.5)
-    ax.set_title("synthetic faces: same budget, only the position encoding differs", fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save_accuracy_chart(fig, ax, "synthetic faces: same budget, only the position encoding differs", path)
 
 
 def combine(dirs: list[Path], out: Path, baseline: str = "") -> str:
@@ -217,14 +224,7 @@ def plot_seeds(groups: dict[str, dict[int, dict]], cols: list[tuple[str, str]], 
         for x, v in zip(xs, vals):
             ax.plot([x] * len(v), v, "k.", ms=3)
     ax.set_xticks(range(len(cols)), [label.replace(" (", "\n(") for _, label in cols], fontsize=6)
-    ax.set_ylabel("verification accuracy (%)")
-    ax.set_ylim(45, 100)
-    ax.axhline(50, color="grey", lw=0.5)
-    ax.set_title("synthetic faces: seed means (bars) and single seeds (dots)", fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save_accuracy_chart(fig, ax, "synthetic faces: seed means (bars) and single seeds (dots)", path)
 
 
 def main(argv: list[str] | None = None) -> int:
