@@ -47,6 +47,11 @@ def test_load_model_accepts_a_run_directory(trained, tmp_path):
     assert all(torch.equal(from_dir[k], from_file[k]) for k in from_file)
     with pytest.raises(FileNotFoundError, match="weights.safetensors"):
         kpt.load_model(tmp_path)
+    from kpt_plugins.face.predict import find_weights
+
+    assert find_weights(str(trained)) == trained / "weights.safetensors"  # `--weights RUN_DIR`
+    with pytest.raises(FileNotFoundError, match="best.pt"):
+        find_weights(str(tmp_path))
 
 
 def test_eval_on_written_bin(trained, tmp_path, capsys):

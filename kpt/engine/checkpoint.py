@@ -239,6 +239,18 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], excluded: se
 RUN_WEIGHT_FILES = ("weights.safetensors", "best.pt", "last.pt")
 
 
+def resolve_run_weights(path: str | Path) -> Path:
+    """``path`` itself, or for a run directory the first of ``RUN_WEIGHT_FILES`` inside it."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in RUN_WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{path} is a directory without any of {list(RUN_WEIGHT_FILES)}; "
+                            "pass a run directory or one of its weight files")
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild and load a model from a run's ``last.pt``/``best.pt``/``weights.safetensors``.
 
@@ -246,13 +258,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     A run directory is accepted too and resolves to the first of ``RUN_WEIGHT_FILES`` it holds.
     The model is returned in eval mode.
     """
-    path = Path(path)
-    if path.is_dir():
-        found = [path / name for name in RUN_WEIGHT_FILES if (path / name).is_file()]
-        if not found:
-            raise FileNotFoundError(f"{path} is a directory without any of {list(RUN_WEIGHT_FILES)}; "
-                                    "pass a run directory or one of its weight files")
-        path = found[0]
+    path = resolve_run_weights(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     if path.suffix == ".safetensors":

@@ -46,12 +46,9 @@ class NoFaceError(RuntimeError):
 def find_weights(weights: str | None, runs: Path = Path("runs") / "face") -> Path:
     """``--weights`` or the newest ``runs/face/*/weights.safetensors``."""
     if weights:
-        path = Path(weights)
-        if path.is_dir():
-            for name in ("weights.safetensors", "best.pt", "last.pt"):
-                if (path / name).is_file():
-                    return path / name
-            raise FileNotFoundError(f"{path}: no weights.safetensors, best.pt or last.pt inside")
+        from kpt.engine.checkpoint import resolve_run_weights
+
+        path = resolve_run_weights(weights)
         if not path.is_file():
             raise FileNotFoundError(f"--weights {path}: no such file")
         return path
