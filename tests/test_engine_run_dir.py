@@ -249,3 +249,16 @@ def test_truncate_after_drops_invalid_lines_once(tmp_path, kpt_log):
 def test_new_run_dir_is_created_under_its_parent(tmp_path):
     path = new_run_dir(tmp_path / "a" / "b")
     assert path.parent == tmp_path / "a" / "b" and path.is_dir() and not any(path.iterdir())
+
+
+def test_lock_on_a_file_system_without_flock_warns_and_runs(tmp_path, monkeypatch, kpt_log):
+    import errno
+    import types
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_dir, "fcntl", types.SimpleNamespace(flock=no_flock, LOCK_EX=2, LOCK_NB=4))
+    with RunLock(tmp_path) as lock:
+        assert lock.held and json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert any("cannot lock" in r.getMessage() for r in kpt_log.records)

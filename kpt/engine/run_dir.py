@@ -180,6 +180,9 @@ class RunLock:
             except BlockingIOError:
                 os.close(fd)
                 raise self._busy(_read_holder(self._read_text())) from None
+            except OSError as exc:  # a file system without flock (some FUSE mounts): run unguarded
+                logger.warning("%s: cannot lock (%s); a second run writing to %s would not be "
+                               "detected", self.path, exc, self.folder)
             # The previous holder unlinks the file when it releases: if it did so between our open and
             # our flock, we locked a file nobody else will see. Only a lock on the current file counts.
             try:
