@@ -38,6 +38,8 @@ examples:
 Config precedence: engine defaults < plugin defaults < --config files < --data/--test < key=value.
 Unknown keys are errors. The run folder (--out, default runs/DOMAIN/<timestamp>) receives config.yaml,
 metrics.jsonl, summary.json, last.pt, best.pt and weights.safetensors.
+An --out that already holds a run is refused: pass --resume to continue it or --overwrite to
+replace it. Only one process at a time can write to a run folder (it holds the lock .kpt.lock).
 """
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", nargs="+", default=[], metavar="FILE", help="YAML config file(s)")
     p.add_argument("--out", help="run folder (default runs/DOMAIN/<timestamp>)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue a run from last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run that --out already holds (its files are deleted first)")
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
 
     p = sub.add_parser("eval", help="evaluate a checkpoint",
@@ -135,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     configure_logging(args.debug, rank=int(os.environ.get("RANK", "0")))
-    train(plugin, cfg, out, resume)
+    train(plugin, cfg, out, resume, overwrite=args.overwrite)
     return 0
 
 

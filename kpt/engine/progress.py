@@ -108,11 +108,29 @@ class MetricsLog:
         self.path = path
 
     def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step`` (a resumed run logs them again)."""
+        """Drop records of steps after ``step`` (a resumed run logs them again).
+
+        A line that is not a complete JSON record (the end of a run killed while appending it) is
+        dropped too and reported once, so that new records never follow a torn line.
+        """
         if self.path is None or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep, torn = [], []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                torn.append(number)
+            elif record.get("step", 0) <= step:
+                keep.append(line)
+        if torn:
+            logger.warning("%s: ignored line %s, not a complete JSON record (a run killed while "
+                           "writing it); the file is rewritten without it", self.path,
+                           ", ".join(map(str, torn)))
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:

@@ -12,7 +12,6 @@ import json
 import logging
 import time
 from contextlib import nullcontext
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from kpt.engine.malloc import keep_freed_memory
 from kpt.engine.optim import build_optimizer, build_scheduler, epochs_needed, total_training_steps
 from kpt.engine.progress import MetricsLog, Progress, header_lines, metric_table
 from kpt.engine.rank_local import load_shard, rank_local_names, remove_old_shards, save_shard
+from kpt.engine.run_dir import RunDirError, RunLock, claim_run_dir, new_run_dir
 from kpt.engine.seeding import get_rng_state, seed_everything, set_rng_state, worker_init
 from kpt.plugin import Plugin, TaskData
 
@@ -44,8 +44,9 @@ logger = logging.getLogger("kpt.engine")
 
 
 def default_run_dir(domain: str, root: str | Path = "runs") -> Path:
-    """``runs/DOMAIN/<timestamp>``."""
-    return Path(root) / domain / datetime.now().strftime("%Y%m%d-%H%M%S")
+    """A new, empty run folder ``runs/DOMAIN/<timestamp>[-NN]``, created here (unique across processes:
+    see :func:`kpt.engine.run_dir.new_run_dir`)."""
+    return new_run_dir(Path(root) / domain)
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
@@ -351,24 +352,45 @@ class Trainer:
 
 
 def train(plugin: Plugin, cfg: Config, out_dir: str | Path | None = None,
-          resume: str | Path | None = None) -> dict[str, Any]:
+          resume: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train ``plugin`` with ``cfg``; returns the summary (final metrics, steps, time).
 
     Args:
         plugin: the domain plugin.
         cfg: full config (see :func:`kpt.config.build_config`).
-        out_dir: run folder (default ``runs/DOMAIN/<timestamp>``; the resumed run's folder on resume).
+        out_dir: run folder (default a new ``runs/DOMAIN/<timestamp>``; the resumed run's folder on
+            resume). A folder that already holds a run is refused unless ``resume`` or ``overwrite``.
         resume: a checkpoint to continue from (resolve ``auto`` with
             :func:`kpt.engine.checkpoint.find_resume_checkpoint`).
+        overwrite: replace the run that ``out_dir`` holds (its run files are deleted first).
+
+    Raises:
+        kpt.engine.run_dir.RunDirError: ``out_dir`` holds a run (and neither ``resume`` nor
+            ``overwrite``), or another process is writing to it.
     """
     started_group = not (dist.is_available() and dist.is_initialized())
     info, device = init_distributed(cfg.train.device)
+    lock: RunLock | None = None
     try:
-        if out_dir is None:
-            out_dir = Path(resume).parent if resume is not None else default_run_dir(plugin.name)
-        out_dir = Path(broadcast_object(str(out_dir), info))  # rank 0's timestamp for everyone
-        trainer = Trainer(plugin, cfg, out_dir, Path(resume) if resume else None, info, device)
+        claimed: tuple[str | None, str | None] = (None, None)  # (run folder, refusal message)
+        if info.is_main:  # only rank 0 writes to the run folder, so only it names, checks and locks it
+            try:
+                if out_dir is None:
+                    out_dir = Path(resume).parent if resume is not None else default_run_dir(
+                        plugin.name)
+                lock = claim_run_dir(out_dir, resume=resume is not None, overwrite=overwrite)
+                claimed = (str(out_dir), None)
+            except RunDirError as exc:
+                claimed = (None, str(exc))
+                if not info.enabled:
+                    raise
+        folder, refused = broadcast_object(claimed, info)  # every rank stops, or none
+        if refused is not None:
+            raise RunDirError(refused)
+        trainer = Trainer(plugin, cfg, Path(folder), Path(resume) if resume else None, info, device)
         return trainer.run()
     finally:
+        if lock is not None:
+            lock.release()
         if started_group and info.enabled and dist.is_initialized():
             dist.destroy_process_group()
