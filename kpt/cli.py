@@ -22,7 +22,6 @@ examples:
   kpt eval mnist runs/mnist/20250101-120000/best.pt --test affnist
   kpt data get mnist                             obtain a dataset (plugin command)
   kpt predict face a.jpg b.jpg --weights runs/face/RUN/weights.safetensors
-                                                 similarity of the faces in two photos
   kpt convert cvlface SRC DST                    convert official CVLface weights
   kpt new-plugin xray                            scaffold a pip-installable plugin package
 """
