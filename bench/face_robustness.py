@@ -18,7 +18,7 @@ one-factor unaligned sets (shift only, rotation only, scale only, GT keypoints) 
 misalignment costs accuracy. Extra ``key=value`` overrides reach the config of every variant
 (e.g. ``model.args.head=avg``, ``model.args.kprpe_hidden=256``); ``--label`` names such runs.
 
-Run (round 5 of docs/face.md; about 30 min of CPU for ``abs``, 40 for ``kprpe``, per seed)::
+Run (the current table of docs/face.md; about 30 min of CPU for ``abs``, 40 for ``kprpe``, per seed)::
 
     python bench/face_robustness.py --out OUT --variants abs kprpe --steps 4000 --batch-size 64 \
         --identities 1000 --images-per-identity 8 --pairs 1000 --gt --factors --threads 1 \

@@ -21,7 +21,7 @@ examples:
   torchrun --nproc-per-node 4 -m kpt train face  DDP on 4 GPUs (train.batch_size is global)
   kpt eval mnist runs/mnist/20250101-120000/best.pt --test affnist
   kpt data get mnist                             obtain a dataset (plugin command)
-  kpt predict face photo.jpg --checkpoint best.pt
+  kpt predict face a.jpg b.jpg --weights runs/face/RUN/weights.safetensors
   kpt convert cvlface SRC DST                    convert official CVLface weights
   kpt new-plugin xray                            scaffold a pip-installable plugin package
 """
@@ -195,7 +195,7 @@ def _dispatch(domain: str, command: str, rest: Sequence[str]) -> int:
 
     if command.startswith("data ") and domain not in discover_plugins():
         # `kpt data prepare gait3d ...`: a dataset name selects the plugin that declares it; the
-        # plugin's command receives the dataset name first. (minimal edit by the gait engineer)
+        # plugin's command receives the dataset name first.
         owners = [e.name for e in list_plugins() if e.plugin and domain in e.plugin.datasets]
         if len(owners) == 1:
             domain, rest = owners[0], [domain, *rest]
@@ -253,11 +253,8 @@ def _check(name: str, overrides: Sequence[str]) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    try:
-        from kpt.convert import convert_cvlface
-    except ImportError as exc:
-        raise CliError(f"kpt convert cvlface needs kpt.convert.convert_cvlface, which is not "
-                       f"available in this install ({exc})") from exc
+    from kpt.convert import convert_cvlface
+
     result = convert_cvlface(args.src, args.dst)
     print(f"converted {args.src} -> {result if result is not None else args.dst}")
     return 0

@@ -122,9 +122,3 @@ def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
     box = [obj if info.rank == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def cleanup(info: DistInfo) -> None:
-    """Destroy the process group this module started."""
-    if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()

@@ -60,11 +60,6 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def autocast_context(amp: str, device: torch.device) -> Any:
     """Autocast for ``train.amp`` (none | bf16 | fp16)."""
     if amp == "none":

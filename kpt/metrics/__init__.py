@@ -17,20 +17,18 @@ from kpt.metrics.classification import accuracy, topk_correct
 from kpt.metrics.identification import identification
 from kpt.metrics.retrieval import pairwise_distance, rank_metrics, retrieval
 from kpt.metrics.tar_at_far import roc_curve, tar_at_far
-from kpt.metrics.verification import kfold_splits, verification, verification_roc
+from kpt.metrics.verification import kfold_splits, verification
 
 __all__ = [
     "accuracy", "identification", "kfold_splits", "pairwise_distance", "rank_metrics", "retrieval",
-    "roc_curve", "tar_at_far", "topk_correct", "verification", "verification_roc",
+    "roc_curve", "tar_at_far", "topk_correct", "verification",
 ]
 
 
 def _register() -> None:
     """Put the five metrics in the ``metric`` registry (kpt.registry imports this package lazily)."""
-    try:
-        from kpt.registry import METRICS
-    except ImportError:  # registry not importable (partial install): the functions still work directly
-        return
+    from kpt.registry import METRICS
+
     for function in (verification, tar_at_far, identification, retrieval, accuracy):
         METRICS.register(function.__name__)(function)
 

@@ -173,20 +173,3 @@ def verification(emb_a: ArrayLike, emb_b: ArrayLike, issame: ArrayLike, folds: i
         "val_std": float(np.std(fold_val)),
         "far": float(np.mean(fold_far)),
     }
-
-
-def verification_roc(emb_a: ArrayLike, emb_b: ArrayLike, issame: ArrayLike, folds: int = 10
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ROC insightface returns next to the accuracy: TPR and FPR per threshold, averaged over folds.
-
-    Returns:
-        ``(thresholds (400,), tpr (400,), fpr (400,))``, rates computed on each held-out fold.
-    """
-    dist = pair_distances(emb_a, emb_b)
-    same = as_bool(issame, "issame", dist.size)
-    tprs, fprs = [], []
-    for _, test in kfold_splits(dist.size, folds):
-        _, tpr, fpr = _accuracy_curve(dist[test], same[test], ACCURACY_THRESHOLDS)
-        tprs.append(tpr)
-        fprs.append(fpr)
-    return ACCURACY_THRESHOLDS.copy(), np.mean(tprs, axis=0), np.mean(fprs, axis=0)

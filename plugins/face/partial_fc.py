@@ -121,7 +121,7 @@ class PartialFC(nn.Module):
     """
 
     # Rank-sharded weights: the kpt engine keeps them out of DDP and checkpoints them per rank
-    # (kpt/engine/rank_local.py). Minimal edit by the toolkit engineer.
+    # (kpt/engine/rank_local.py).
     kpt_rank_local = True
 
     def __init__(self, embedding_size: int, num_classes: int, head: str | MarginHead = "adaface",

@@ -99,13 +99,6 @@ class DigitDataset(Dataset):
         return {"image": image[None].float() / 255.0, "keypoints": kp, "label": self.labels[index]}
 
 
-def _cfg_get(cfg, dotted: str, default):
-    try:
-        return cfg[dotted]
-    except KeyError:
-        return default
-
-
 def _limit(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return (x[:n], y[:n]) if n > 0 else (x, y)
 
@@ -146,7 +139,7 @@ def build_data(cfg) -> TaskData:
             evals[key] = DigitDataset(x, y)
     info = {"num_classes": 10, "num_keypoints": 5, "img_size": 40,
             "train_size": len(x_train), "test_sets": sorted(evals)}
-    train = DigitDataset(x_train, y_train, d.placement, _cfg_get(cfg, "data.keypoint_jitter", 0.0),
+    train = DigitDataset(x_train, y_train, d.placement, cfg["data.keypoint_jitter"],
                          jitter_seed=cfg.train.seed)
     return TaskData(train=train, evals=evals, info=info)
 
@@ -165,7 +158,7 @@ def training_step(model: nn.Module, batch: dict, cfg) -> tuple[Tensor, dict[str,
     """Cross-entropy on (images, keypoints) → logits; logs the batch accuracy."""
     logits = model(batch["image"], batch["keypoints"])
     loss = F.cross_entropy(logits.float(), batch["label"],
-                           label_smoothing=_cfg_get(cfg, "loss.label_smoothing", 0.0))
+                           label_smoothing=cfg["loss.label_smoothing"])
     acc = (logits.argmax(1) == batch["label"]).float().mean().item() * 100
     return loss, {"acc": acc}
 
