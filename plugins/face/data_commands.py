@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import detect_kind, open_face_source
-from .landmarks_cache import cache_path, compute_landmarks, read_landmarks, write_landmarks
-from .recordio import MAGIC, InsightFaceRec, RecordIOError, decode_image, unpack_record
+from .data.datasets import detect_kind, open_face_source
+from .data.landmarks_cache import cache_path, compute_landmarks, read_landmarks, write_landmarks
+from .data.recordio import MAGIC, InsightFaceRec, RecordIOError, decode_image, unpack_record
 
 __all__ = ["prepare", "validate"]
 
@@ -69,7 +69,7 @@ def _prepare_parser() -> argparse.ArgumentParser:
 def prepare(argv: list[str]) -> int:
     """Compute and store the landmark cache of one data set."""
     args = _prepare_parser().parse_args(argv)
-    from .retinaface import RetinaFaceKeypoints
+    from .retinaface.detector import RetinaFaceKeypoints
 
     data = Path(args.data)
     target = cache_path(data)

@@ -27,8 +27,8 @@ import kpt
 from kpt.config import Config
 from kpt.plugin import Plugin, TaskData
 
-from .augment import FaceAugment, FaceCollate, RepeatedAugmentSampler
-from .evaluation import (
+from .data.augment import FaceAugment, FaceCollate, RepeatedAugmentSampler
+from .evaluation.verification import (
     PairSet,
     evaluate_pairs,
     fraction_found,
@@ -110,7 +110,7 @@ def build_model(cfg: Config, info: dict) -> nn.Module:
     if m.head == "adaface":
         margins.update(h=m.margin_h, t_alpha=m.t_alpha)
     if m.classifier == "partial_fc":
-        from .partial_fc import PartialFC
+        from .heads.partial_fc import PartialFC
 
         head: nn.Module = PartialFC(m.embedding_size, num_classes, head=m.head,
                                     sample_rate=m.sample_rate, **margins)
@@ -165,7 +165,7 @@ def build_train_set(cfg: Config) -> tuple[Any, dict]:
     """(dataset, info) for ``cfg.data``: synthetic faces or a RecordIO / image-folder path."""
     d = cfg.data
     if d.root:
-        from .datasets import FaceDataset
+        from .data.datasets import FaceDataset
 
         keypoints = "auto" if d.keypoints == "auto" else None
         dataset = FaceDataset(d.root, keypoints=keypoints)
@@ -184,7 +184,7 @@ def build_train_set(cfg: Config) -> tuple[Any, dict]:
     if d.name != "synthetic":
         raise ValueError(f"--data {d.name!r}: a name other than synthetic needs a path "
                          f"(--data PATH or --data-root PATH)")
-    from .synthetic_dataset import SyntheticFaces
+    from .synthetic.dataset import SyntheticFaces
 
     dataset = SyntheticFaces(d.num_identities, d.images_per_identity, "aligned", d.seed)
     info = dict(dataset.info)

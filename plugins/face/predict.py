@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .align import align_faces
-from .evaluation import (
+from .evaluation.verification import (
     PairSet,
     alignment_sweep,
     embed,
@@ -110,7 +110,7 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print a JSON object")
     args = parser.parse_args(argv)
-    from .evaluation import get_detector
+    from .evaluation.verification import get_detector
 
     weights = find_weights(args.weights)
     backbone = load_face_backbone(weights, args.device)

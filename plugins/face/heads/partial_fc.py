@@ -36,8 +36,9 @@ import logging
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from kpt_plugins.face.heads import HEADS, MarginHead
 from torch import Tensor, nn
+
+from .margins import HEADS, MarginHead
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .retinaface_net import RetinaFace
+from .net import RetinaFace
 
 __all__ = [
     "load_official_state_dict",

@@ -38,9 +38,9 @@ from torch import Tensor, nn
 
 from kpt.metrics import verification
 
-from .align import ARCFACE_TEMPLATE_112, alignment_matrix, transform_points, warp_affine
-from .augment import flip_keypoints, normalize_images
-from .synthetic_params import SPLITS
+from ..align import ARCFACE_TEMPLATE_112, alignment_matrix, transform_points, warp_affine
+from ..data.augment import flip_keypoints, normalize_images
+from ..synthetic.params import SPLITS
 
 __all__ = [
     "PairSet",
@@ -255,7 +255,7 @@ def synthetic_pair_set(split: str, num_pairs: int, seed: int = 0, keypoints: str
             result.keypoints = template_keypoints(len(raw.keypoints))
         _SYNTHETIC_SETS[key] = result
         return result
-    from .synthetic_dataset import synthetic_pairs
+    from ..synthetic.dataset import synthetic_pairs
 
     pairs, gt = synthetic_pairs(num_pairs, split, seed)
     found = torch.ones(len(gt), dtype=torch.bool)
@@ -279,7 +279,7 @@ def load_bin_set(path: str | Path, keypoints: str = "retinaface", limit: int | N
                  detector_weights: str = "") -> PairSet:
     """A ``.bin`` verification file (aligned 112×112 crops) with keypoints per ``keypoints``
     (``retinaface`` on the crop, or ``template``)."""
-    from .bin_pairs import load_bin
+    from ..data.bin_pairs import load_bin
 
     pairs = load_bin(path, limit=limit)
     n = len(pairs.images)
