@@ -7,7 +7,7 @@ import csv
 import pytest
 import torch
 from kpt_plugins.face.align import ARCFACE_TEMPLATE_112
-from kpt_plugins.face.evaluation import (
+from kpt_plugins.face.evaluation.verification import (
     PairSet,
     detection_crop_matrices,
     detection_crops,
@@ -18,7 +18,7 @@ from kpt_plugins.face.evaluation import (
     synthetic_pair_set,
     write_sweep,
 )
-from kpt_plugins.face.synthetic_dataset import synthetic_pairs
+from kpt_plugins.face.synthetic.dataset import synthetic_pairs
 from torch import nn
 
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from kpt_plugins.face.bin_pairs import write_bin
-from kpt_plugins.face.synthetic_dataset import synthetic_pairs
+from kpt_plugins.face.data.bin_pairs import write_bin
+from kpt_plugins.face.synthetic.dataset import synthetic_pairs
 
 import kpt
 from kpt.cli import main
@@ -125,7 +125,7 @@ def test_recipe_sets_official_optimiser_but_keeps_user_values():
 
 def test_render_cache_returns_identical_items():
     from kpt_plugins.face.plugin import RenderCache
-    from kpt_plugins.face.synthetic_dataset import SyntheticFaces
+    from kpt_plugins.face.synthetic.dataset import SyntheticFaces
 
     data = SyntheticFaces(3, 2, size=32)
     cache = RenderCache(data)
@@ -139,7 +139,7 @@ def test_render_cache_returns_identical_items():
 @pytest.mark.slow
 def test_train_on_recordio_path(tmp_path):
     """`--data PATH`: insightface RecordIO with its landmark cache (ground-truth points here)."""
-    from kpt_plugins.face.synthetic_dataset import export_synthetic_rec
+    from kpt_plugins.face.synthetic.dataset import export_synthetic_rec
 
     rec = tmp_path / "rec"
     export_synthetic_rec(rec, num_identities=3, images_per_identity=4, seed=2)

@@ -3,7 +3,7 @@
 Both receive the remaining command-line arguments and return an exit status.
 
 * ``prepare --data PATH``: runs RetinaFace once over every image of the data set and writes the
-  landmark cache beside it (:mod:`~kpt_plugins.face.landmarks_cache`).
+  landmark cache beside it (:mod:`~kpt_plugins.face.data.landmarks_cache`).
 * ``validate --data PATH``: counts records / images / identities / pairs and reports missing and
   corrupt entries (bad framing, headers, undecodable images, broken identity ranges, a landmark
   cache that does not fit); exit status 1 when anything is wrong.

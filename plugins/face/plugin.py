@@ -324,7 +324,7 @@ PLUGIN = Plugin(
     training_step=training_step,
     evaluate=evaluate,
     datasets=DATASETS,
-    keypoint_sources={"retinaface": "kpt_plugins.face.retinaface:RetinaFaceKeypoints"},
+    keypoint_sources={"retinaface": "kpt_plugins.face.retinaface.detector:RetinaFaceKeypoints"},
     commands={"eval": _eval_command, "predict": _predict_command,
               "data prepare": _data_prepare, "data validate": _data_validate},
     primary_metric="accuracy",
