@@ -23,15 +23,14 @@ import torch
 from torch import nn
 
 from .align import align_faces
+from .evaluation.sweep import alignment_sweep, write_sweep
 from .evaluation.verification import (
     PairSet,
-    alignment_sweep,
     embed,
     evaluate_pairs,
     fraction_found,
     load_bin_set,
     synthetic_pair_set,
-    write_sweep,
 )
 
 __all__ = ["embed_image", "eval_main", "find_weights", "load_face_backbone", "predict_main"]
