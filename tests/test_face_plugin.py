@@ -58,13 +58,32 @@ def test_eval_on_written_bin(trained, tmp_path, capsys):
     pairs, _ = synthetic_pairs(10, "aligned", seed=3)
     path = tmp_path / "tiny_lfw.bin"
     write_bin(path, pairs.images.permute(0, 2, 3, 1).numpy(), pairs.issame.numpy())
-    out = tmp_path / "eval"
-    code = main(["eval", "face", "--weights", str(trained / "weights.safetensors"), "--test",
-                 str(path), "--keypoints", "template", "--out", str(out)])
+    out = tmp_path / "metrics.json"
+    code = main(["eval", "face", str(trained), "--test", str(path), "eval.bin_keypoints=template",
+                 "eval.synthetic_pairs=0", "--json", str(out)])
     assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads(out.read_text())
     assert 0.0 <= metrics["tiny_lfw/accuracy"] <= 1.0
+    assert not any(k.startswith("synthetic") for k in metrics)  # eval.synthetic_pairs=0
     assert "tiny_lfw" in capsys.readouterr().out
+
+
+def test_eval_is_the_core_command_with_config_keys(trained, tmp_path, capsys):
+    """One way in: `kpt eval face` is the core's eval; the Fig. 5 sweep is eval.sweep_*."""
+    from kpt_plugins.face.plugin import PLUGIN
+
+    assert "eval" not in PLUGIN.commands
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "face", str(trained / "weights.safetensors"), "eval.sweep_steps=2",
+                 f"eval.sweep_out={tmp_path / 'sweep'}", "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert {"sweep/t=0.00", "sweep/t=1.00", "aligned_accuracy"} <= set(metrics)
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert rows[0].startswith("model,t,accuracy") and len(rows) == 3
+    with pytest.raises(SystemExit):  # the old flags of the plugin's own command are gone
+        main(["eval", "face", str(trained), "--pairs", "10"])
+    assert main(["eval", "mnist", str(trained)]) == 2  # face weights: named, not loaded
+    assert "written by plugin 'face'" in capsys.readouterr().err
 
 
 def test_predict_two_images(trained, tmp_path, capsys):
@@ -103,10 +122,10 @@ def test_eval_accepts_a_bare_backbone_file(tmp_path):
     bin_path = tmp_path / "tiny.bin"
     write_bin(bin_path, pairs.images.permute(0, 2, 3, 1).numpy(), pairs.issame.numpy(),
               as_bytes=False)
-    out = tmp_path / "eval"
-    assert main(["eval", "face", str(path), "--test", str(bin_path), "--keypoints", "template",
-                 "--out", str(out)]) == 0
-    assert 0.0 <= json.loads((out / "metrics.json").read_text())["tiny/accuracy"] <= 1.0
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "face", str(path), "--test", str(bin_path), "eval.bin_keypoints=template",
+                 "eval.synthetic_pairs=0", "--json", str(out)]) == 0
+    assert 0.0 <= json.loads(out.read_text())["tiny/accuracy"] <= 1.0
 
 
 def test_recipe_sets_official_optimiser_but_keeps_user_values():

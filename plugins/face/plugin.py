@@ -286,14 +286,30 @@ def evaluate_sets(model: nn.Module, sets: dict[str, PairSet], cfg: Config,
 
 def evaluate(model: nn.Module, data: TaskData, cfg: Config, device: torch.device
              ) -> dict[str, float]:
-    """Verification accuracy on every evaluation set (see :func:`evaluate_sets`)."""
-    return evaluate_sets(model, data.evals, cfg, device)
+    """Verification accuracy on every evaluation set (see :func:`evaluate_sets`), and the Fig. 5
+    sweep when ``eval.sweep_steps`` > 0 (see :func:`sweep_metrics`)."""
+    metrics = evaluate_sets(model, data.evals, cfg, device)
+    if cfg.eval.sweep_steps > 0:
+        metrics.update(sweep_metrics(model, data.evals, cfg, device))
+    return metrics
 
 
-def _eval_command(argv: list[str]) -> int:
-    from .predict import eval_main
+def sweep_metrics(model: nn.Module, sets: dict[str, PairSet], cfg: Config, device: torch.device
+                  ) -> dict[str, float]:
+    """Fig. 5: ``sweep/t=<t>`` accuracy from the synthetic detection crop (t=0) to the aligned
+    crop (t=1) in ``eval.sweep_steps`` steps; also written as CSV + PNG to ``eval.sweep_out``."""
+    from .evaluation.sweep import alignment_sweep, write_sweep
 
-    return eval_main(argv)
+    e = cfg.eval
+    start = sets.get("unaligned_crop")
+    if start is None:  # the synthetic protocols are off: build the sweep's own start set
+        start = synthetic_pair_set("unaligned_crop", e.synthetic_pairs or 400, e.seed,
+                                   e.unaligned_keypoints)
+    rows = alignment_sweep(model, start, e.sweep_steps, e.batch_size, device, e.flip)
+    if e.sweep_out:
+        csv_path, png_path = write_sweep({"model": rows}, e.sweep_out)
+        logger.info("wrote %s%s", csv_path, f" and {png_path}" if png_path else "")
+    return {f"sweep/t={r['t']:.2f}": r["accuracy"] for r in rows}
 
 
 def _predict_command(argv: list[str]) -> int:
@@ -325,7 +341,7 @@ PLUGIN = Plugin(
     evaluate=evaluate,
     datasets=DATASETS,
     keypoint_sources={"retinaface": "kpt_plugins.face.retinaface.detector:RetinaFaceKeypoints"},
-    commands={"eval": _eval_command, "predict": _predict_command,
+    commands={"predict": _predict_command,
               "data prepare": _data_prepare, "data validate": _data_validate},
     primary_metric="accuracy",
     check_config={"data.num_identities": 4, "data.images_per_identity": 4,
