@@ -33,8 +33,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from kpt_plugins.face.recordio import InsightFaceRec, encode_image, write_insightface_rec
-from kpt_plugins.face.synthetic import render_faces
+from kpt_plugins.face.data.recordio import InsightFaceRec, encode_image, write_insightface_rec
+from kpt_plugins.face.synthetic.render import render_faces
 
 
 def build(root: Path, images: int, per_identity: int) -> list[bytes]:

@@ -74,7 +74,8 @@ def run_variant(pos: str, args: argparse.Namespace, out: Path) -> dict:
                        "cpu_s": round(time.process_time() - start, 1),
                        "wall_s": round(time.perf_counter() - wall, 1), "steps": summary["step"]})
         model = kpt.load_model(str(run / "weights.safetensors"))
-    from kpt_plugins.face.evaluation import alignment_sweep, evaluate_pairs, synthetic_pair_set
+    from kpt_plugins.face.evaluation.sweep import alignment_sweep
+    from kpt_plugins.face.evaluation.verification import evaluate_pairs, synthetic_pair_set
 
     if args.gt:
         gt = synthetic_pair_set("unaligned", args.pairs, 0, "ground_truth")
@@ -101,7 +102,7 @@ def run_variant(pos: str, args: argparse.Namespace, out: Path) -> dict:
 
 def evaluate_protocols(model: torch.nn.Module, args: argparse.Namespace) -> dict:
     """Aligned, unaligned (RetinaFace kp) and detection-crop accuracy of a trained model."""
-    from kpt_plugins.face.evaluation import evaluate_pairs, synthetic_pair_set
+    from kpt_plugins.face.evaluation.verification import evaluate_pairs, synthetic_pair_set
 
     sets = {"aligned": ("aligned", "ground_truth"), "unaligned_retinaface": ("unaligned", "retinaface"),
             "unaligned_crop": ("unaligned_crop", "retinaface")}
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "face_robustness.md").write_text(table + "\n")
     plot(results, out / "face_robustness.png")
     if args.sweep:
-        from kpt_plugins.face.evaluation import write_sweep
+        from kpt_plugins.face.evaluation.sweep import write_sweep
 
         write_sweep({r["pos"]: r["sweep"] for r in results}, out / "face_alignment_sweep")
     print(table)

@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint",
                        description="kpt eval DOMAIN CHECKPOINT [--test NAME ...] [key=value ...] "
-                                   "(or the plugin's own eval command)")
+                                   "(CHECKPOINT: last.pt/best.pt, a run folder, its "
+                                   "weights.safetensors or a bare model file; or the plugin's own "
+                                   "eval command)")
     p.add_argument("domain")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="checkpoint, --test, overrides")
 
@@ -164,30 +166,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _evaluate_checkpoint(plugin: object, ns: argparse.Namespace) -> int:
     import torch
 
+    import kpt
     from kpt.config import build_config
-    from kpt.engine.checkpoint import check_compatible, load_checkpoint
+    from kpt.engine.checkpoint import CHECKPOINT_FORMAT, check_compatible, resolve_run_weights
     from kpt.engine.distributed import init_distributed
     from kpt.engine.progress import configure_logging, metric_table
     from kpt.engine.trainer import evaluate_model
 
     configure_logging()
-    ckpt = load_checkpoint(ns.checkpoint)
-    if ckpt.get("plugin") != plugin.name:
+    path = resolve_run_weights(ns.checkpoint)
+    ckpt = _eval_source(path)
+    if ckpt.get("plugin", plugin.name) != plugin.name:
         raise CliError(f"{ns.checkpoint} was written by plugin {ckpt.get('plugin')!r}, not "
                        f"{plugin.name!r}")
     cfg = build_config(plugin, overrides=ns.overrides, test=ns.test, data_root=ns.data_root,
-                       base=ckpt["config"])
+                       base=ckpt.get("config"))
     _, device = init_distributed(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     data = plugin.build_data(cfg)
-    model = plugin.build_model(cfg, ckpt["info"])
-    check_compatible(ckpt, ns.checkpoint, plugin.name, model)
-    model.load_state_dict(ckpt["model"])
+    if ckpt.get("format") == CHECKPOINT_FORMAT:
+        model = plugin.build_model(cfg, ckpt["info"])
+        check_compatible(ckpt, path, plugin.name, model)
+        model.load_state_dict(ckpt["model"])
+    else:  # the file itself says how to rebuild the model
+        model = kpt.load_model(str(path))
     metrics = evaluate_model(plugin, model.to(device), data, cfg, device)
-    print(metric_table(metrics, f"{plugin.name}: {ns.checkpoint} (step {ckpt.get('step')})"))
+    step = f" (step {ckpt['step']})" if "step" in ckpt else ""
+    print(metric_table(metrics, f"{plugin.name}: {ns.checkpoint}{step}"))
     if ns.json:
         Path(ns.json).write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
+
+
+def _eval_source(path: Path) -> dict:
+    """What ``kpt eval`` knows of a model file before loading it.
+
+    A training checkpoint (``last.pt``/``best.pt``) is returned whole; a run's
+    ``weights.safetensors`` gives its plugin and run config; a bare model file (``kpt convert``
+    output) gives ``{}``: it is evaluated with the plugin's defaults and the overrides.
+    """
+    from kpt.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+
+    if path.suffix != ".safetensors":
+        ckpt = load_checkpoint(path)
+        return ckpt if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT else {}
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CliError(f"{path} does not exist")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    if not meta.get("plugin"):
+        return {}
+    return {"plugin": meta["plugin"], "config": json.loads(meta["config"])}
 
 
 def _dispatch(domain: str, command: str, rest: Sequence[str]) -> int:

@@ -8,7 +8,7 @@ import struct
 
 import numpy as np
 import pytest
-from kpt_plugins.face.bin_pairs import load_bin, write_bin
+from kpt_plugins.face.data.bin_pairs import load_bin, write_bin
 
 from kpt.data.safe_pickle import UnsafePickleError
 
@@ -35,7 +35,7 @@ def test_read_pairs(tmp_path, as_bytes):
 
 
 def test_python2_style_byte_strings(tmp_path):
-    from kpt_plugins.face.recordio import encode_image
+    from kpt_plugins.face.data.recordio import encode_image
 
     bins = [encode_image(im) for im in _faces(2)]
     # what Python 2 writes for (list of str, [True]): BINSTRING opcodes that Python 3 can only

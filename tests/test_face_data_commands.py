@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from kpt_plugins.face.align import ARCFACE_TEMPLATE_112, align_faces, keypoints_to_aligned
+from kpt_plugins.face.data.datasets import FaceDataset, open_face_source
+from kpt_plugins.face.data.landmarks_cache import cache_path, read_landmarks
+from kpt_plugins.face.data.recordio import encode_image, write_insightface_rec
 from kpt_plugins.face.data_commands import prepare, validate
-from kpt_plugins.face.datasets import FaceDataset, open_face_source
-from kpt_plugins.face.landmarks_cache import cache_path, read_landmarks
-from kpt_plugins.face.recordio import encode_image, write_insightface_rec
 
 torch.set_num_threads(1)
 
@@ -112,7 +112,7 @@ def test_validate_and_open_image_folder(tmp_path, aligned_faces, capsys):
 
 
 def test_bin_and_tinyface_paths(tmp_path, aligned_faces, capsys):
-    from kpt_plugins.face.bin_pairs import write_bin
+    from kpt_plugins.face.data.bin_pairs import write_bin
 
     images = aligned_faces[0]
     path = tmp_path / "lfw.bin"

@@ -7,8 +7,8 @@ import struct
 import cv2
 import numpy as np
 import pytest
-from kpt_plugins.face.folders import DISTRACTOR_LABEL, ImageFolderFaces, TinyFaceProtocol
-from kpt_plugins.face.recordio import (
+from kpt_plugins.face.data.folders import DISTRACTOR_LABEL, ImageFolderFaces, TinyFaceProtocol
+from kpt_plugins.face.data.recordio import (
     MAGIC,
     InsightFaceRec,
     IRHeader,
@@ -167,7 +167,7 @@ def test_image_records_with_label_arrays(tmp_path):
 
 def test_dataloader_workers_read_the_rec(tmp_path):
     import torch
-    from kpt_plugins.face.datasets import FaceDataset
+    from kpt_plugins.face.data.datasets import FaceDataset
 
     labels = [0, 0, 1, 1, 2, 2]
     write_insightface_rec(

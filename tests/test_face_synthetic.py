@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from kpt_plugins.face.align import ARCFACE_TEMPLATE_112
-from kpt_plugins.face.datasets import FaceDataset
-from kpt_plugins.face.recordio import InsightFaceRec
-from kpt_plugins.face.synthetic import render_faces, template_is_mean_face
-from kpt_plugins.face.synthetic_dataset import SyntheticFaces, export_synthetic_rec, synthetic_pairs
-from kpt_plugins.face.synthetic_params import identity_params, image_params
+from kpt_plugins.face.data.datasets import FaceDataset
+from kpt_plugins.face.data.recordio import InsightFaceRec
+from kpt_plugins.face.synthetic.dataset import SyntheticFaces, export_synthetic_rec, synthetic_pairs
+from kpt_plugins.face.synthetic.params import identity_params, image_params
+from kpt_plugins.face.synthetic.render import render_faces, template_is_mean_face
 
 torch.set_num_threads(1)
 TEMPLATE = torch.tensor(ARCFACE_TEMPLATE_112 / 112, dtype=torch.float32)

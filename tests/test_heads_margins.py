@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from kpt_plugins.face.heads import AdaFace, ArcFace, CosFace, KappaFace
+from kpt_plugins.face.heads.margins import AdaFace, ArcFace, CosFace, KappaFace
 
 import kpt
 

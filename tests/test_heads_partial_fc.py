@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from kpt_plugins.face.heads import HEADS, KappaFace
-from kpt_plugins.face.partial_fc import PartialFC, shard_range
+from kpt_plugins.face.heads.margins import HEADS, KappaFace
+from kpt_plugins.face.heads.partial_fc import PartialFC, shard_range
 
 D, C, B = 8, 10, 6
 HEADS_WITH_KAPPA = {**HEADS, "kappaface": KappaFace}

@@ -3,7 +3,7 @@
 Both receive the remaining command-line arguments and return an exit status.
 
 * ``prepare --data PATH``: runs RetinaFace once over every image of the data set and writes the
-  landmark cache beside it (:mod:`~kpt_plugins.face.landmarks_cache`).
+  landmark cache beside it (:mod:`~kpt_plugins.face.data.landmarks_cache`).
 * ``validate --data PATH``: counts records / images / identities / pairs and reports missing and
   corrupt entries (bad framing, headers, undecodable images, broken identity ranges, a landmark
   cache that does not fit); exit status 1 when anything is wrong.
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import detect_kind, open_face_source
-from .landmarks_cache import cache_path, compute_landmarks, read_landmarks, write_landmarks
-from .recordio import MAGIC, InsightFaceRec, RecordIOError, decode_image, unpack_record
+from .data.datasets import detect_kind, open_face_source
+from .data.landmarks_cache import cache_path, compute_landmarks, read_landmarks, write_landmarks
+from .data.recordio import MAGIC, InsightFaceRec, RecordIOError, decode_image, unpack_record
 
 __all__ = ["prepare", "validate"]
 
@@ -69,7 +69,7 @@ def _prepare_parser() -> argparse.ArgumentParser:
 def prepare(argv: list[str]) -> int:
     """Compute and store the landmark cache of one data set."""
     args = _prepare_parser().parse_args(argv)
-    from .retinaface import RetinaFaceKeypoints
+    from .retinaface.detector import RetinaFaceKeypoints
 
     data = Path(args.data)
     target = cache_path(data)

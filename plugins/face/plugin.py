@@ -27,8 +27,8 @@ import kpt
 from kpt.config import Config
 from kpt.plugin import Plugin, TaskData
 
-from .augment import FaceAugment, FaceCollate, RepeatedAugmentSampler
-from .evaluation import (
+from .data.augment import FaceAugment, FaceCollate, RepeatedAugmentSampler
+from .evaluation.verification import (
     PairSet,
     evaluate_pairs,
     fraction_found,
@@ -110,7 +110,7 @@ def build_model(cfg: Config, info: dict) -> nn.Module:
     if m.head == "adaface":
         margins.update(h=m.margin_h, t_alpha=m.t_alpha)
     if m.classifier == "partial_fc":
-        from .partial_fc import PartialFC
+        from .heads.partial_fc import PartialFC
 
         head: nn.Module = PartialFC(m.embedding_size, num_classes, head=m.head,
                                     sample_rate=m.sample_rate, **margins)
@@ -165,7 +165,7 @@ def build_train_set(cfg: Config) -> tuple[Any, dict]:
     """(dataset, info) for ``cfg.data``: synthetic faces or a RecordIO / image-folder path."""
     d = cfg.data
     if d.root:
-        from .datasets import FaceDataset
+        from .data.datasets import FaceDataset
 
         keypoints = "auto" if d.keypoints == "auto" else None
         dataset = FaceDataset(d.root, keypoints=keypoints)
@@ -184,7 +184,7 @@ def build_train_set(cfg: Config) -> tuple[Any, dict]:
     if d.name != "synthetic":
         raise ValueError(f"--data {d.name!r}: a name other than synthetic needs a path "
                          f"(--data PATH or --data-root PATH)")
-    from .synthetic_dataset import SyntheticFaces
+    from .synthetic.dataset import SyntheticFaces
 
     dataset = SyntheticFaces(d.num_identities, d.images_per_identity, "aligned", d.seed)
     info = dict(dataset.info)
@@ -286,14 +286,30 @@ def evaluate_sets(model: nn.Module, sets: dict[str, PairSet], cfg: Config,
 
 def evaluate(model: nn.Module, data: TaskData, cfg: Config, device: torch.device
              ) -> dict[str, float]:
-    """Verification accuracy on every evaluation set (see :func:`evaluate_sets`)."""
-    return evaluate_sets(model, data.evals, cfg, device)
+    """Verification accuracy on every evaluation set (see :func:`evaluate_sets`), and the Fig. 5
+    sweep when ``eval.sweep_steps`` > 0 (see :func:`sweep_metrics`)."""
+    metrics = evaluate_sets(model, data.evals, cfg, device)
+    if cfg.eval.sweep_steps > 0:
+        metrics.update(sweep_metrics(model, data.evals, cfg, device))
+    return metrics
 
 
-def _eval_command(argv: list[str]) -> int:
-    from .predict import eval_main
+def sweep_metrics(model: nn.Module, sets: dict[str, PairSet], cfg: Config, device: torch.device
+                  ) -> dict[str, float]:
+    """Fig. 5: ``sweep/t=<t>`` accuracy from the synthetic detection crop (t=0) to the aligned
+    crop (t=1) in ``eval.sweep_steps`` steps; also written as CSV + PNG to ``eval.sweep_out``."""
+    from .evaluation.sweep import alignment_sweep, write_sweep
 
-    return eval_main(argv)
+    e = cfg.eval
+    start = sets.get("unaligned_crop")
+    if start is None:  # the synthetic protocols are off: build the sweep's own start set
+        start = synthetic_pair_set("unaligned_crop", e.synthetic_pairs or 400, e.seed,
+                                   e.unaligned_keypoints)
+    rows = alignment_sweep(model, start, e.sweep_steps, e.batch_size, device, e.flip)
+    if e.sweep_out:
+        csv_path, png_path = write_sweep({"model": rows}, e.sweep_out)
+        logger.info("wrote %s%s", csv_path, f" and {png_path}" if png_path else "")
+    return {f"sweep/t={r['t']:.2f}": r["accuracy"] for r in rows}
 
 
 def _predict_command(argv: list[str]) -> int:
@@ -324,8 +340,8 @@ PLUGIN = Plugin(
     training_step=training_step,
     evaluate=evaluate,
     datasets=DATASETS,
-    keypoint_sources={"retinaface": "kpt_plugins.face.retinaface:RetinaFaceKeypoints"},
-    commands={"eval": _eval_command, "predict": _predict_command,
+    keypoint_sources={"retinaface": "kpt_plugins.face.retinaface.detector:RetinaFaceKeypoints"},
+    commands={"predict": _predict_command,
               "data prepare": _data_prepare, "data validate": _data_validate},
     primary_metric="accuracy",
     check_config={"data.num_identities": 4, "data.images_per_identity": 4,

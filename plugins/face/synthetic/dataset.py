@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .bin_pairs import VerificationPairs
-from .landmarks_cache import cache_path, write_landmarks
-from .recordio import encode_image, write_insightface_rec
-from .synthetic import SPLITS, render_faces
+from ..data.bin_pairs import VerificationPairs
+from ..data.landmarks_cache import cache_path, write_landmarks
+from ..data.recordio import encode_image, write_insightface_rec
+from .render import SPLITS, render_faces
 
 __all__ = ["EVAL_IDENTITY_OFFSET", "SyntheticFaces", "export_synthetic_rec", "synthetic_pairs"]
 

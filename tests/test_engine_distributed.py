@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import toolkit_tiny_plugin as tiny
+import tiny_plugin as tiny
 import torch
 
 from kpt.config import build_config

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .align import ARCFACE_TEMPLATE_112
+from ..align import ARCFACE_TEMPLATE_112
 from .bin_pairs import load_bin
 from .folders import ImageFolderFaces, TinyFaceProtocol
 from .recordio import InsightFaceRec

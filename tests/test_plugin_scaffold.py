@@ -12,7 +12,7 @@ import sys
 import textwrap
 
 import pytest
-import toolkit_tiny_plugin as tiny
+import tiny_plugin as tiny
 
 from kpt.cli import main
 from kpt.templates import write_plugin_package

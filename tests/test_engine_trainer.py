@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import toolkit_tiny_plugin as tiny
+import tiny_plugin as tiny
 import torch
 
 import kpt
@@ -130,7 +130,7 @@ def test_run_killed_while_saving_resumes_from_previous_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys, torch
         sys.path.insert(0, {str(Path(tiny.__file__).parent)!r})
-        import toolkit_tiny_plugin as tiny
+        import tiny_plugin as tiny
         from kpt.config import build_config
         from kpt.engine.trainer import train
         real_save = torch.save

@@ -1,4 +1,4 @@
-"""A tiny plugin used by the toolkit tests (importable as ``toolkit_tiny_plugin`` from tests/).
+"""A tiny plugin used by the core tests (importable as ``tiny_plugin`` from tests/).
 
 Images (1, 8, 8) hold a bright pixel at a random position; the two keypoints are that pixel and the image
 centre; the label says whether the pixel lies in the left or right half. The model is a small MLP over
@@ -109,13 +109,13 @@ def register_in_process(monkeypatch) -> None:
     from kpt import plugin as plugin_mod
 
     found = dict(plugin_mod.discover_plugins(refresh=True))
-    entry = plugin_mod.PluginEntry("tiny", "toolkit_tiny_plugin:PLUGIN", builtin=False,
+    entry = plugin_mod.PluginEntry("tiny", "tiny_plugin:PLUGIN", builtin=False,
                                    package="toolkit-tests")
     found["tiny"] = entry
     monkeypatch.setattr(plugin_mod, "_DISCOVERED", found)
 
 
-def write_entry_point(folder, name: str = "tiny", target: str = "toolkit_tiny_plugin:PLUGIN"):
+def write_entry_point(folder, name: str = "tiny", target: str = "tiny_plugin:PLUGIN"):
     """A minimal ``*.dist-info`` in ``folder`` whose entry point registers ``name`` -> ``target``.
 
     Put ``folder`` (and tests/) on PYTHONPATH of a subprocess to make ``kpt`` find the plugin.

@@ -34,8 +34,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .align import ARCFACE_TEMPLATE_112
-from .synthetic_params import NOISE_BANK, NUM_WAVES, SPLITS, identity_params, image_params
+from ..align import ARCFACE_TEMPLATE_112
+from .params import NOISE_BANK, NUM_WAVES, SPLITS, identity_params, image_params
 
 __all__ = ["SPLITS", "identity_params", "image_params", "landmarks_canonical", "render_faces"]
 

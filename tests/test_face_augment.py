@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from kpt_plugins.face.align import ARCFACE_TEMPLATE_112
-from kpt_plugins.face.augment import (
+from kpt_plugins.face.data.augment import (
     FaceAugment,
     FaceCollate,
     RepeatedAugmentSampler,
@@ -41,7 +41,7 @@ def test_keypoints_follow_the_pixels():
     aug = FaceAugment(rot_prob=0.5, hflip_prob=0.5)
     gen = torch.Generator().manual_seed(3)
     theta, hflip = aug.sample_theta(b, gen)
-    from kpt_plugins.face.augment import transform_keypoints
+    from kpt_plugins.face.data.augment import transform_keypoints
 
     grid = torch.nn.functional.affine_grid(theta.repeat_interleave(5, 0), list(images.shape),
                                            align_corners=True)

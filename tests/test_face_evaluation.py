@@ -7,18 +7,16 @@ import csv
 import pytest
 import torch
 from kpt_plugins.face.align import ARCFACE_TEMPLATE_112
-from kpt_plugins.face.evaluation import (
+from kpt_plugins.face.evaluation.sweep import interpolate_similarity, sweep_images, write_sweep
+from kpt_plugins.face.evaluation.verification import (
     PairSet,
     detection_crop_matrices,
     detection_crops,
     embed,
     evaluate_pairs,
-    interpolate_similarity,
-    sweep_images,
     synthetic_pair_set,
-    write_sweep,
 )
-from kpt_plugins.face.synthetic_dataset import synthetic_pairs
+from kpt_plugins.face.synthetic.dataset import synthetic_pairs
 from torch import nn
 
 

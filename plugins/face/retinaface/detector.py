@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .align import ARCFACE_TEMPLATE_112
-from .retinaface_net import RetinaFace, prior_boxes
-from .retinaface_weights import build_retinaface
+from ..align import ARCFACE_TEMPLATE_112
+from .net import RetinaFace, prior_boxes
+from .weights import build_retinaface
 
 __all__ = [
     "OFFICIAL_MEAN_BGR",

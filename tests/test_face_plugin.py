@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from kpt_plugins.face.bin_pairs import write_bin
-from kpt_plugins.face.synthetic_dataset import synthetic_pairs
+from kpt_plugins.face.data.bin_pairs import write_bin
+from kpt_plugins.face.synthetic.dataset import synthetic_pairs
 
 import kpt
 from kpt.cli import main
@@ -58,13 +58,32 @@ def test_eval_on_written_bin(trained, tmp_path, capsys):
     pairs, _ = synthetic_pairs(10, "aligned", seed=3)
     path = tmp_path / "tiny_lfw.bin"
     write_bin(path, pairs.images.permute(0, 2, 3, 1).numpy(), pairs.issame.numpy())
-    out = tmp_path / "eval"
-    code = main(["eval", "face", "--weights", str(trained / "weights.safetensors"), "--test",
-                 str(path), "--keypoints", "template", "--out", str(out)])
+    out = tmp_path / "metrics.json"
+    code = main(["eval", "face", str(trained), "--test", str(path), "eval.bin_keypoints=template",
+                 "eval.synthetic_pairs=0", "--json", str(out)])
     assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads(out.read_text())
     assert 0.0 <= metrics["tiny_lfw/accuracy"] <= 1.0
+    assert not any(k.startswith("synthetic") for k in metrics)  # eval.synthetic_pairs=0
     assert "tiny_lfw" in capsys.readouterr().out
+
+
+def test_eval_is_the_core_command_with_config_keys(trained, tmp_path, capsys):
+    """One way in: `kpt eval face` is the core's eval; the Fig. 5 sweep is eval.sweep_*."""
+    from kpt_plugins.face.plugin import PLUGIN
+
+    assert "eval" not in PLUGIN.commands
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "face", str(trained / "weights.safetensors"), "eval.sweep_steps=2",
+                 f"eval.sweep_out={tmp_path / 'sweep'}", "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert {"sweep/t=0.00", "sweep/t=1.00", "aligned_accuracy"} <= set(metrics)
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert rows[0].startswith("model,t,accuracy") and len(rows) == 3
+    with pytest.raises(SystemExit):  # the old flags of the plugin's own command are gone
+        main(["eval", "face", str(trained), "--pairs", "10"])
+    assert main(["eval", "mnist", str(trained)]) == 2  # face weights: named, not loaded
+    assert "written by plugin 'face'" in capsys.readouterr().err
 
 
 def test_predict_two_images(trained, tmp_path, capsys):
@@ -103,10 +122,10 @@ def test_eval_accepts_a_bare_backbone_file(tmp_path):
     bin_path = tmp_path / "tiny.bin"
     write_bin(bin_path, pairs.images.permute(0, 2, 3, 1).numpy(), pairs.issame.numpy(),
               as_bytes=False)
-    out = tmp_path / "eval"
-    assert main(["eval", "face", str(path), "--test", str(bin_path), "--keypoints", "template",
-                 "--out", str(out)]) == 0
-    assert 0.0 <= json.loads((out / "metrics.json").read_text())["tiny/accuracy"] <= 1.0
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "face", str(path), "--test", str(bin_path), "eval.bin_keypoints=template",
+                 "eval.synthetic_pairs=0", "--json", str(out)]) == 0
+    assert 0.0 <= json.loads(out.read_text())["tiny/accuracy"] <= 1.0
 
 
 def test_recipe_sets_official_optimiser_but_keeps_user_values():
@@ -125,7 +144,7 @@ def test_recipe_sets_official_optimiser_but_keeps_user_values():
 
 def test_render_cache_returns_identical_items():
     from kpt_plugins.face.plugin import RenderCache
-    from kpt_plugins.face.synthetic_dataset import SyntheticFaces
+    from kpt_plugins.face.synthetic.dataset import SyntheticFaces
 
     data = SyntheticFaces(3, 2, size=32)
     cache = RenderCache(data)
@@ -139,7 +158,7 @@ def test_render_cache_returns_identical_items():
 @pytest.mark.slow
 def test_train_on_recordio_path(tmp_path):
     """`--data PATH`: insightface RecordIO with its landmark cache (ground-truth points here)."""
-    from kpt_plugins.face.synthetic_dataset import export_synthetic_rec
+    from kpt_plugins.face.synthetic.dataset import export_synthetic_rec
 
     rec = tmp_path / "rec"
     export_synthetic_rec(rec, num_identities=3, images_per_identity=4, seed=2)

@@ -6,7 +6,7 @@ import json
 import sys
 
 import pytest
-import toolkit_tiny_plugin as tiny
+import tiny_plugin as tiny
 import torch
 
 from kpt.cli import main

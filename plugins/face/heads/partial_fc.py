@@ -36,8 +36,9 @@ import logging
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from kpt_plugins.face.heads import HEADS, MarginHead
 from torch import Tensor, nn
+
+from .margins import HEADS, MarginHead
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,8 @@ class PartialFC(nn.Module):
         embedding_size: D.
         num_classes: C, the total identity count over all ranks.
         head: margin head name (``"adaface"``, ``"arcface"``, ``"cosface"``) or a
-            :class:`~kpt_plugins.face.heads.MarginHead` built for this shard (``num_classes=num_local``).
+            :class:`~kpt_plugins.face.heads.margins.MarginHead` built for this shard
+            (``num_classes=num_local``).
         sample_rate: fraction of this shard's centres used per training step (1.0: all, model parallel).
         **margins: keywords of the head (``m``, ``s``, ``h``, ``t_alpha``, ...).
     """

@@ -4,7 +4,7 @@ Like CVLface's ``predict_landmark.py``, which stores ``ldmk_5points.csv`` beside
 (columns ``idx, ldmk_0 … ldmk_9`` = x0, y0, …, x4, y4, normalised to [0, 1], five decimals), the
 cache here is a CSV with the same columns plus ``score`` (the detector's face probability; 0 where
 no face was found and the ArcFace template was written instead). Rows follow the item order of
-:func:`~kpt_plugins.face.datasets.open_face_source`.
+:func:`~kpt_plugins.face.data.datasets.open_face_source`.
 
 Where: ``<folder>/ldmk_5points.csv`` for folder data sets (RecordIO, image folders, TinyFace) and
 ``<file>.ldmk_5points.csv`` beside a single file (``lfw.bin.ldmk_5points.csv``).
@@ -122,7 +122,7 @@ def compute_landmarks(
 
     Args:
         source: items ``(H, W, 3) uint8 RGB, label``.
-        detector: a :class:`~kpt_plugins.face.retinaface.RetinaFaceKeypoints`.
+        detector: a :class:`~kpt_plugins.face.retinaface.detector.RetinaFaceKeypoints`.
         batch_size: images per forward pass.
         progress: optional callable(done, total).
         workers: DataLoader worker processes decoding the images (0 = in this process).

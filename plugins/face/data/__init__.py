@@ -1,0 +1,1 @@
+"""Face data: RecordIO, image folders, .bin pairs, the landmark cache and training augmentation."""

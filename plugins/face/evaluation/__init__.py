@@ -1,0 +1,1 @@
+"""Face verification: aligned / unaligned pair sets, flip-fused embeddings, the Fig. 5 sweep."""

@@ -1,0 +1,1 @@
+"""Margin heads (AdaFace, ArcFace, CosFace, KappaFace) and the sharded PartialFC classifier."""

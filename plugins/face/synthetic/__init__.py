@@ -1,0 +1,1 @@
+"""Synthetic faces with ground-truth landmarks: parameters, renderer, dataset and pair sets."""
