@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import toolkit_tiny_plugin as tiny
+import tiny_plugin as tiny
 import torch
 
 from kpt.cli import main
