@@ -28,6 +28,8 @@ import cv2
 import numpy as np
 from typing_extensions import Self
 
+from kpt.errors import DataError
+
 __all__ = [
     "MAGIC",
     "IRHeader",
@@ -57,7 +59,7 @@ _DECODE_FLAG = cv2.IMREAD_COLOR if _RGB_FLAG is None else _RGB_FLAG
 _FLOAT32_EXACT = 1 << 24
 
 
-class RecordIOError(ValueError):
+class RecordIOError(DataError, ValueError):
     """A malformed ``.rec``/``.idx``; the message names the file, the key/offset and the fault."""
 
 

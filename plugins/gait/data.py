@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kpt.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 POSE_SUFFIX = "-pose.pkl"
@@ -47,8 +49,8 @@ NUMPY_PICKLE_GLOBALS: set[tuple[str, str]] = {
 }
 
 
-class GaitDataError(ValueError):
-    """A gait data file or folder does not have the expected content."""
+class GaitDataError(DataError, ValueError):
+    """A gait data file or folder does not have the expected content (names the file)."""
 
 
 # --------------------------------------------------------------------------------------------
