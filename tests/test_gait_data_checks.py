@@ -115,3 +115,25 @@ def test_validate_lists_every_problem_and_fails(tmp_path, capsys):
         assert str(path) in out, out
     assert f"{split}: split PROBE_SET is empty" in out
     assert "4 problem(s)" in out
+
+
+def test_user_data_read_errors_are_data_errors_and_keep_their_old_bases(tmp_path):
+    from kpt_plugins.face.bin_pairs import load_bin
+    from kpt_plugins.face.recordio import RecordIOError
+    from kpt_plugins.mnist.affnist import AffnistDataError
+    from kpt_plugins.mnist.data import MnistDataError, load_mnist
+
+    from kpt.data.safe_pickle import CorruptPickleError, UnsafePickleError
+
+    for cls, old in ((RecordIOError, ValueError), (GaitDataError, ValueError),
+                     (MnistDataError, RuntimeError), (AffnistDataError, RuntimeError),
+                     (UnsafePickleError, pickle.UnpicklingError),
+                     (CorruptPickleError, pickle.UnpicklingError)):
+        assert issubclass(cls, DataError) and issubclass(cls, old), cls
+    (tmp_path / "mnist.npz").write_bytes(b"PK\x03\x04 torn zip")
+    with pytest.raises(MnistDataError, match=r"mnist\.npz: not a readable \.npz"):
+        load_mnist(tmp_path)
+    bad_bin = tmp_path / "lfw.bin"
+    bad_bin.write_bytes(b"\x80\x04 not a pickle")
+    with pytest.raises(DataError, match=r"lfw\.bin: not a valid pickle"):
+        load_bin(bad_bin)

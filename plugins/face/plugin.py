@@ -239,7 +239,9 @@ def resolve_bin(name: str, cfg: Config) -> Path:
     for root in (cfg.eval.bin_root, cfg.data.root):
         if root and (Path(root) / f"{name}.bin").is_file():
             return Path(root) / f"{name}.bin"
-    raise FileNotFoundError(f"--test {name}: no {name}.bin under eval.bin_root or data.root; pass "
+    from .data_checks import MissingDataError
+
+    raise MissingDataError(f"--test {name}: no {name}.bin under eval.bin_root or data.root; pass "
                             f"the .bin path")
 
 
