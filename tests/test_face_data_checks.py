@@ -85,7 +85,7 @@ def test_one_class_is_refused(tmp_path):
         _train_set(folder)
 
 
-def test_nan_and_negative_labels_name_file_and_record(tmp_path):
+def test_nan_and_negative_labels_name_file_and_record(tmp_path, capsys):
     from kpt_plugins.face.datasets import FaceDataset
 
     root = _rec(tmp_path / "set", [0, math.nan, 1, -3, 1])
@@ -97,6 +97,9 @@ def test_nan_and_negative_labels_name_file_and_record(tmp_path):
     dataset = FaceDataset(root, keypoints=None)
     with pytest.raises(DataError, match="train.rec record key 2: label nan"):
         dataset[1]
+    assert validate(["--data", str(root), "--no-decode"]) == 1
+    out = capsys.readouterr().out
+    assert "record key 2: label nan" in out and "record key 4: label -3" in out
 
 
 def test_landmark_cache_bad_rows_are_reported_and_refused(tmp_path, capsys):

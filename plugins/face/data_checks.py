@@ -154,26 +154,31 @@ def label_problems(ls: LabelSet, num_classes: int | None = None, count_from: str
     if len(ls.labels) == 0:
         return ["no images (no labels)"]
     problems = _value_problems(ls, num_classes, limit)
-    if problems:
+    # the rest is judged on the usable labels, so one run of validate shows every kind of problem
+    raw = ls.labels
+    usable = np.flatnonzero(np.isfinite(raw) & (raw >= 0) & (raw == np.floor(raw)))
+    if len(usable) == 0:
         return problems
-    lab = ls.labels.astype(np.int64)
+    lab = raw[usable].astype(np.int64)
     uniq = np.unique(lab)
     if len(uniq) == 1:
-        return [(f"{ls.record(0)}: every one of the {len(lab)} images has label {uniq[0]}: one "
-                f"identity only, so the margin loss is 0 and nothing is learned; training needs "
-                f"at least 2 identities")]
+        return [*problems, (
+            f"{ls.record(int(usable[0]))}: every one of the {len(lab)} usable images has label "
+            f"{uniq[0]}: one identity only, so the margin loss is 0 and nothing is learned; "
+            f"training needs at least 2 identities")]
     if num_classes is None:
         num_classes, count_from = int(uniq[-1]) + 1, "the largest label + 1"
     if allow_sparse or len(uniq) >= SPARSE_FRACTION * num_classes:
-        return []
+        return problems
     beyond = uniq[uniq >= len(uniq)]  # a dense set 0..n-1 has none: these sit past a gap
     examples = []
     for value in beyond[::-1][:3]:
-        examples.append(f"{value} ({ls.record(int(np.flatnonzero(lab == value)[0]))})")
-    return [(f"{len(uniq)} distinct labels but {num_classes} classes (from {count_from}): "
-            f"{num_classes - len(uniq)} class rows would never see an image; labels past "
-            f"0..{len(uniq) - 1}: {', '.join(examples)}. Remap the labels to 0..{len(uniq) - 1}, "
-            f"fix the class count, or set data.allow_sparse_labels=true to train as they are")]
+        examples.append(f"{value} ({ls.record(int(usable[np.flatnonzero(lab == value)[0]]))})")
+    return [*problems, (
+        f"{len(uniq)} distinct labels but {num_classes} classes (from {count_from}): "
+        f"{num_classes - len(uniq)} class rows would never see an image; labels past "
+        f"0..{len(uniq) - 1}: {', '.join(examples)}. Remap the labels to 0..{len(uniq) - 1}, "
+        f"fix the class count, or set data.allow_sparse_labels=true to train as they are")]
 
 
 def gap_summary(labels: np.ndarray) -> dict[str, object]:

@@ -21,7 +21,7 @@ from kpt_plugins.gait.data import (
     read_split,
     scan_layout,
 )
-from kpt_plugins.gait.gait3d_prepare import PREPARE_HELP, prepare_main, validate_main
+from kpt_plugins.gait.gait3d_prepare import prepare_main, validate_main
 from kpt_plugins.gait.losses import GaitLoss
 from kpt_plugins.gait.model import SwinGait2D
 from kpt_plugins.gait.synthetic import SyntheticSpec, ensure_synthetic, generate
@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 CONFIG_PATH = Path(__file__).with_name("config.yaml")
 PLUGIN_DATASETS = ("synthetic", "gait3d")
+# one line for error messages (the CLI shows a UserError as one line); PREPARE_HELP has the details
+PREPARE_COMMAND = ("`kpt data prepare gait3d --src RAW --dst DIR` (see `kpt data prepare gait3d "
+                   "--help`)")
 
 #: Model presets. ``paper``: reference gait.md 1.2 (OpenGait sizes). ``cpu``: the same design,
 #: narrow and shallow, for the offline synthetic run on a laptop CPU.
@@ -113,11 +116,11 @@ def _data_root(cfg) -> Path:
                 f"{split}: split file missing, so {path} is not a prepared gait tree (nothing was "
                 f"written there). Train on synthetic walkers by leaving out --data (they are "
                 f"generated in data.cache_dir), write them to a folder with `kpt data get "
-                f"synthetic --dst DIR`, or prepare Gait3D.\n{PREPARE_HELP}")
+                f"synthetic --dst DIR`, or prepare Gait3D with {PREPARE_COMMAND}")
         return path
     if name == "gait3d":
         raise GaitDataError("--data gait3d needs the prepared Gait3D tree: pass --data-root DIR "
-                            f"(config key data.root).\n{PREPARE_HELP}")
+                            f"(config key data.root); make the tree with {PREPARE_COMMAND}")
     cache = cfg.data.cache_dir or os.environ.get("KPT_CACHE", "~/.cache/kpt")
     return ensure_synthetic(Path(cache).expanduser(), synthetic_spec(cfg))
 
