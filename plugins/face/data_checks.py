@@ -104,7 +104,7 @@ def rec_labels(rec: InsightFaceRec) -> np.ndarray:
     return labels
 
 
-def source_labels(source) -> LabelSet | None:
+def source_labels(source: object) -> LabelSet | None:
     """The labels of a face source (RecordIO, image folders, TinyFace); None when it has none."""
     if isinstance(source, InsightFaceRec):
         path, keys = source.reader.rec_path, source.image_keys
