@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from kpt.errors import DataError
 from kpt.registry import did_you_mean
 
 if TYPE_CHECKING:
@@ -310,6 +311,10 @@ def plugin_defaults(plugin: Plugin) -> dict:
     return load_yaml(path)
 
 
+class DataNameError(ConfigError, DataError):
+    """``--data NAME`` that is neither a dataset of the plugin nor an existing path."""
+
+
 def build_config(plugin: Plugin, config_files: Iterable[str | Path] = (),
                  overrides: Iterable[str] = (), data: str | None = None,
                  test: Iterable[str] | None = None, data_root: str | None = None,
@@ -337,8 +342,11 @@ def build_config(plugin: Plugin, config_files: Iterable[str | Path] = (),
             cfg.set("data.root", data, "--data")
         else:
             if known and data not in known:
-                raise ConfigError(f"--data {data!r}: plugin {plugin.name!r} knows no such dataset."
-                                  f"{did_you_mean(data, known)} Datasets: {', '.join(known)}")
+                raise DataNameError(
+                    f"--data {data!r}: plugin {plugin.name!r} has no dataset of that name and no "
+                    f"file or folder {str(Path(data).absolute())!r} exists."
+                    f"{did_you_mean(data, known)} Datasets: {', '.join(known)}; or give the "
+                    f"path of your data")
             cfg.set("data.name", data, "--data")
     if test is not None:
         test = [str(t) for t in test]

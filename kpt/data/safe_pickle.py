@@ -12,6 +12,8 @@ import pickle
 from collections.abc import Iterable
 from typing import IO, Any
 
+from kpt.errors import DataError
+
 #: Globals that plain numpy arrays need (numpy 1.x and 2.x module paths).
 NUMPY_ARRAY_GLOBALS: frozenset[tuple[str, str]] = frozenset({
     ("numpy.core.multiarray", "_reconstruct"),
@@ -29,8 +31,15 @@ BUILTIN_GLOBALS: frozenset[tuple[str, str]] = frozenset({
 })
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle referenced a global outside the allowed set."""
+class UnsafePickleError(pickle.UnpicklingError, DataError):
+    """The pickle referenced a global outside the allowed set.
+
+    Also a :class:`kpt.errors.DataError`: the file is the user's, so the CLI shows one line.
+    """
+
+
+class CorruptPickleError(pickle.UnpicklingError, DataError):
+    """The bytes are not a valid pickle (truncated, zero bytes, another format); names the file."""
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -65,7 +74,8 @@ def restricted_load(fileobj_or_bytes: IO[bytes] | bytes | bytearray | memoryview
 
     Raises:
         UnsafePickleError: the pickle names a global not in ``allowed``.
-        pickle.UnpicklingError: the data is not a valid pickle (message names ``what``).
+        CorruptPickleError: the data is not a valid pickle (message names ``what``); a
+            ``pickle.UnpicklingError`` and a :class:`kpt.errors.DataError`.
     """
     if isinstance(fileobj_or_bytes, (bytes, bytearray, memoryview)):
         fileobj: IO[bytes] = io.BytesIO(bytes(fileobj_or_bytes))
@@ -76,5 +86,5 @@ def restricted_load(fileobj_or_bytes: IO[bytes] | bytes | bytearray | memoryview
     except UnsafePickleError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise pickle.UnpicklingError(f"{what}: not a valid pickle ({type(exc).__name__}: {exc})") \
+        raise CorruptPickleError(f"{what}: not a valid pickle ({type(exc).__name__}: {exc})") \
             from exc

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.checks import LabelSet, gap_summary, label_problems, source_labels
 from .data.datasets import detect_kind, open_face_source
 from .data.landmarks_cache import cache_path, compute_landmarks, read_landmarks, write_landmarks
 from .data.recordio import MAGIC, InsightFaceRec, RecordIOError, decode_image, unpack_record
@@ -172,18 +173,19 @@ def _validate_rec(root: Path, rec: InsightFaceRec, report: _Report, decode: bool
         unindexed = starts - set(reader.offsets.values())
         if unindexed:
             report.problem(f"{reader.rec_path}: {len(unindexed)} records not in {reader.idx_path}")
-    labels = []
+    labels, label_keys = [], []
     for n, key in enumerate(rec.image_keys):
         offset = reader.offsets[key]
         if offset >= reader.file_size:
             report.problem(f"key {key}: offset {offset} is past the end of {reader.rec_path}")
             continue
         try:
-            header, payload = unpack_record(reader.read(key), f"key {key}")
+            header, payload = unpack_record(reader.read(key), f"{reader.rec_path} key {key}")
             label = header.label if header.flag == 0 else float(np.asarray(header.label)[0])
-            labels.append(int(label))
+            labels.append(float(label))  # kept as stored: NaN / negative labels are reported
+            label_keys.append(key)
             if decode:
-                decode_image(payload, f"key {key}")
+                decode_image(payload, f"{reader.rec_path} key {key}")
         except (RecordIOError, ValueError) as exc:
             report.problem(str(exc))
     ranges = rec.read_identity_ranges()
@@ -193,13 +195,20 @@ def _validate_rec(root: Path, rec: InsightFaceRec, report: _Report, decode: bool
         if hi <= lo or absent:
             report.problem(f"identity {cls}: range [{lo}, {hi}) has missing keys {absent}")
     if labels:
-        uniq = np.unique(labels)
-        counts["identities (labels)"] = len(uniq)
+        values = np.asarray(labels)
+        counts.update(gap_summary(values))
+        num_classes, count_from = None, ""
         if rec.property is not None:
-            k = rec.property[0]
-            counts["classes (property)"] = k
-            if uniq.min() < 0 or uniq.max() >= k:
-                report.problem(f"labels span [{uniq.min()}, {uniq.max()}] outside property's {k}")
+            num_classes, count_from = rec.property[0], f"{root / 'property'}"
+            counts["classes (property)"] = num_classes
+            finite = values[np.isfinite(values)]
+            if len(finite) and (finite.min() < 0 or finite.max() >= num_classes):
+                report.problem(f"labels span [{finite.min():g}, {finite.max():g}] outside "
+                               f"property's {num_classes} classes ({count_from})")
+        path = reader.rec_path
+        label_set = LabelSet(values, lambda i: f"{path} record key {label_keys[i]}")
+        for line in label_problems(label_set, num_classes, count_from):
+            report.problem(line)
     return counts
 
 
@@ -209,10 +218,17 @@ def _validate_items(source, report: _Report, decode: bool) -> dict:
         for i in range(len(source)):
             try:
                 source[i]
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError) as exc:  # RecordIOError (undecodable) is a ValueError
                 bad += 1
                 report.problem(f"item {i}: {exc}")
-    return {"images": len(source), "unreadable": bad}
+    counts: dict = {"images": len(source), "unreadable": bad}
+    label_set = source_labels(source) if not hasattr(source, "protocol") else None
+    if label_set is not None:  # TinyFace is a test protocol (distractors are labelled -100)
+        counts.update(gap_summary(label_set.labels))
+        for line in label_problems(label_set, getattr(source, "num_classes", None),
+                                   "the identity folders"):
+            report.problem(line)
+    return counts
 
 
 def validate(argv: list[str]) -> int:
@@ -253,8 +269,12 @@ def validate(argv: list[str]) -> int:
     cache = cache_path(data)
     if cache.is_file():
         try:
-            _, scores = read_landmarks(cache, expected=len(source))
+            rows: list[str] = []
+            _, scores = read_landmarks(cache, expected=len(source), problems=rows)
             counts["landmarks cached"] = len(source)
+            counts["bad landmark rows"] = len(rows)
+            for line in rows:
+                report.problem(line)
             if scores is not None:
                 counts["landmarks without a face"] = int((scores <= 0).sum())
         except (OSError, ValueError) as exc:
@@ -264,7 +284,9 @@ def validate(argv: list[str]) -> int:
     for name, value in counts.items():
         _out(f"  {name:>28}: {value}")
     if report.problems:
-        _out(f"{len(report.problems)} problem(s) found")
+        hidden = len(report.problems) - report.limit
+        _out(f"{len(report.problems)} problem(s) found"
+             + (f" ({hidden} not shown above)" if hidden > 0 else ""))
         return 1
     _out("OK")
     return 0

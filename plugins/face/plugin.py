@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 import kpt
 from kpt.config import Config
+from kpt.errors import DataError
 from kpt.plugin import Plugin, TaskData
 
 from .data.augment import FaceAugment, FaceCollate, RepeatedAugmentSampler
@@ -165,25 +166,37 @@ def build_train_set(cfg: Config) -> tuple[Any, dict]:
     """(dataset, info) for ``cfg.data``: synthetic faces or a RecordIO / image-folder path."""
     d = cfg.data
     if d.root:
+        from .data.checks import check_training_labels, source_labels
         from .data.datasets import FaceDataset
+        from .data.recordio import InsightFaceRec
 
         keypoints = "auto" if d.keypoints == "auto" else None
         dataset = FaceDataset(d.root, keypoints=keypoints)
-        labels = _labels_of(dataset)
         source = dataset.source
-        num_classes = getattr(source, "num_classes", None)
-        if num_classes is None and getattr(source, "property", None):
-            num_classes = source.property[0]
-        if num_classes is None and labels is not None:
-            num_classes = int(max(labels)) + 1
-        if num_classes is None:
-            raise ValueError(f"{d.root}: cannot tell the number of identities (no property file)")
+        # the labels are checked before the class count is taken from them: one stray label must
+        # not size the head (see data/checks.py for the rules)
+        label_set = source_labels(source)
+        if label_set is None:
+            raise DataError(f"{d.root}: cannot tell the identity labels of this data")
+        num_classes, count_from = None, "the largest label + 1"
+        if isinstance(source, InsightFaceRec):
+            if source.property is not None:
+                num_classes, count_from = source.property[0], f"{source.root / 'property'}"
+            elif source._identity_keys:
+                num_classes = len(source._identity_keys)
+                count_from = f"the identity records of {source.reader.rec_path}"
+        elif getattr(source, "num_classes", None) is not None:
+            num_classes, count_from = int(source.num_classes), f"the folders of {d.root}"
+        num_classes = check_training_labels(label_set, num_classes, count_from, str(d.root),
+                                            allow_sparse=bool(d.allow_sparse_labels))
         info = {"name": Path(d.root).name, "synthetic": False, "num_classes": int(num_classes),
                 "num_images": len(dataset)}
         return dataset, info
-    if d.name != "synthetic":
-        raise ValueError(f"--data {d.name!r}: a name other than synthetic needs a path "
-                         f"(--data PATH or --data-root PATH)")
+    if d.name != "synthetic":  # e.g. --data lfw: a verification set, not training data
+        raise DataError(f"--data {d.name!r} (data.name): face trains on 'synthetic' or on a path "
+                        f"(RecordIO folder, image folders), and no file or folder "
+                        f"{str(Path(d.name).absolute())!r} exists; verification sets "
+                        f"({', '.join(BIN_NAMES)}) go to --test")
     from .synthetic.dataset import SyntheticFaces
 
     dataset = SyntheticFaces(d.num_identities, d.images_per_identity, "aligned", d.seed)
@@ -226,7 +239,9 @@ def resolve_bin(name: str, cfg: Config) -> Path:
     for root in (cfg.eval.bin_root, cfg.data.root):
         if root and (Path(root) / f"{name}.bin").is_file():
             return Path(root) / f"{name}.bin"
-    raise FileNotFoundError(f"--test {name}: no {name}.bin under eval.bin_root or data.root; pass "
+    from .data.checks import MissingDataError
+
+    raise MissingDataError(f"--test {name}: no {name}.bin under eval.bin_root or data.root; pass "
                             f"the .bin path")
 
 

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kpt.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 POSE_SUFFIX = "-pose.pkl"
@@ -47,8 +49,8 @@ NUMPY_PICKLE_GLOBALS: set[tuple[str, str]] = {
 }
 
 
-class GaitDataError(ValueError):
-    """A gait data file or folder does not have the expected content."""
+class GaitDataError(DataError, ValueError):
+    """A gait data file or folder does not have the expected content (names the file)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,27 +187,53 @@ class GaitSplit:
     probe_set: set[str] = field(default_factory=set)
 
 
-def read_split(path: str | Path) -> GaitSplit:
-    """Reads and checks a split json (Gait3D.json format)."""
+def split_problems(path: str | Path) -> list[str]:
+    """Every problem of a split json (Gait3D.json format), one line each; empty when it is fine.
+
+    An empty ``TRAIN_SET``, ``TEST_SET`` or ``PROBE_SET`` is a problem: training would have no
+    identity, or evaluation no gallery or no probe.
+    """
     path = Path(path)
     if not path.is_file():
-        raise GaitDataError(f"{path}: split json not found")
+        return [f"{path}: split json not found"]
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise GaitDataError(f"{path}: not valid json ({exc})") from exc
-    for key in ("TRAIN_SET", "TEST_SET", "PROBE_SET"):
-        if not isinstance(raw.get(key), list):
-            raise GaitDataError(f"{path}: field {key!r} must be a list of strings")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [f"{path}: not valid json ({exc})"]
+    except OSError as exc:
+        return [f"{path}: unreadable ({exc})"]
+    if not isinstance(raw, dict):
+        return [f"{path}: expected a json object with TRAIN_SET, TEST_SET and PROBE_SET"]
+    problems = [f"{path}: field {key!r} must be a list of strings"
+                for key in ("TRAIN_SET", "TEST_SET", "PROBE_SET")
+                if not isinstance(raw.get(key), list)]
+    if problems:
+        return problems
+    problems = [f"{path}: split {key} is empty" for key in ("TRAIN_SET", "TEST_SET", "PROBE_SET")
+                if not raw[key]]
     train, test = [str(x) for x in raw["TRAIN_SET"]], [str(x) for x in raw["TEST_SET"]]
     overlap = set(train) & set(test)
     if overlap:
-        raise GaitDataError(f"{path}: ids in both TRAIN_SET and TEST_SET: {sorted(overlap)[:5]}")
-    probes = {str(x) for x in raw["PROBE_SET"]}
-    bad = [p for p in probes if p.split("-")[0] not in set(test)]
+        problems.append(f"{path}: ids in both TRAIN_SET and TEST_SET: {sorted(overlap)[:5]}")
+    bad = [p for p in map(str, raw["PROBE_SET"]) if p.split("-")[0] not in set(test)]
     if bad:
-        raise GaitDataError(f"{path}: PROBE_SET entries whose id is not in TEST_SET: {bad[:5]}")
-    return GaitSplit(train, test, probes)
+        problems.append(f"{path}: PROBE_SET entries whose id is not in TEST_SET: {bad[:5]}")
+    return problems
+
+
+def read_split(path: str | Path) -> GaitSplit:
+    """Reads and checks a split json (Gait3D.json format).
+
+    Raises:
+        GaitDataError: naming the file and every problem of :func:`split_problems`.
+    """
+    path = Path(path)
+    problems = split_problems(path)
+    if problems:
+        raise GaitDataError("; ".join(problems))
+    raw = json.loads(path.read_text())
+    return GaitSplit([str(x) for x in raw["TRAIN_SET"]], [str(x) for x in raw["TEST_SET"]],
+                     {str(x) for x in raw["PROBE_SET"]})
 
 
 def write_split(path: str | Path, split: GaitSplit) -> None:

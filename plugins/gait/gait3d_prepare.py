@@ -23,14 +23,18 @@ from pathlib import Path
 
 from kpt_plugins.gait.data import (
     GaitDataError,
+    SequenceRecord,
     check_poses,
     check_silhouettes,
     read_array_pkl,
     read_split,
     scan_layout,
+    split_problems,
     write_array_pkl,
 )
 from kpt_plugins.gait.poses import frame_number, pretreat_sequence
+
+from kpt.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -117,34 +121,48 @@ def prepare_main(argv: list[str]) -> int:
     return 0
 
 
+def _check_sequence(rec: SequenceRecord) -> list[str]:
+    """Problems of one sequence folder: both pkl files are read, whatever the first one gave."""
+    problems, sils = [], None
+    try:
+        sils = check_silhouettes(read_array_pkl(rec.sil_path), rec.sil_path)
+    except (DataError, OSError) as exc:  # unsafe / corrupt / zero-byte pkl, wrong array
+        problems.append(str(exc))
+    if not rec.pose_path.is_file():
+        return [*problems, f"{rec.pose_path}: pose file missing"]
+    try:
+        poses = read_array_pkl(rec.pose_path)
+        if sils is not None:
+            poses = check_poses(poses, len(sils), rec.pose_path)
+            if (poses[:, :, 2] == 0).all():
+                problems.append(f"{rec.pose_path}: every joint has score 0 (no pose found)")
+    except (DataError, OSError) as exc:
+        problems.append(str(exc))
+    return problems
+
+
 def validate_tree(root: Path, split_name: str = SPLIT_NAME) -> list[str]:
-    """Checks a prepared tree; returns one human-readable line per problem (empty when fine)."""
+    """Checks a prepared tree; returns one human-readable line per problem (empty when fine).
+
+    Every sequence and the split file are checked: one bad file never hides the others.
+    """
     problems: list[str] = []
     try:
         records = scan_layout(root)
     except GaitDataError as exc:
         return [str(exc)]
     if not records:
-        return [f"{root}: no <id>/<type>/<view>/ sequence folders"]
+        problems.append(f"{root}: no <id>/<type>/<view>/ sequence folders")
     for rec in records:
-        try:
-            sils = check_silhouettes(read_array_pkl(rec.sil_path), rec.sil_path)
-            if not rec.pose_path.is_file():
-                problems.append(f"{rec.pose_path}: pose file missing")
-                continue
-            poses = check_poses(read_array_pkl(rec.pose_path), len(sils), rec.pose_path)
-            if (poses[:, :, 2] == 0).all():
-                problems.append(f"{rec.pose_path}: every joint has score 0 (no pose found)")
-        except GaitDataError as exc:
-            problems.append(str(exc))
+        problems += _check_sequence(rec)
     split_path = root / split_name
     if not split_path.is_file():
         problems.append(f"{split_path}: split json missing")
         return problems
-    try:
-        split = read_split(split_path)
-    except GaitDataError as exc:
-        return problems + [str(exc)]
+    split_lines = split_problems(split_path)
+    if split_lines:
+        return problems + split_lines
+    split = read_split(split_path)
     present = {r.label for r in records}
     keys = {r.key for r in records}
     for name, ids in (("TRAIN_SET", split.train_ids), ("TEST_SET", split.test_ids)):

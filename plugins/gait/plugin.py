@@ -21,7 +21,7 @@ from kpt_plugins.gait.data import (
     read_split,
     scan_layout,
 )
-from kpt_plugins.gait.gait3d_prepare import PREPARE_HELP, prepare_main, validate_main
+from kpt_plugins.gait.gait3d_prepare import prepare_main, validate_main
 from kpt_plugins.gait.losses import GaitLoss
 from kpt_plugins.gait.model import SwinGait2D
 from kpt_plugins.gait.synthetic import SyntheticSpec, ensure_synthetic, generate
@@ -34,6 +34,10 @@ from kpt.plugin import Plugin, TaskData
 logger = logging.getLogger(__name__)
 
 CONFIG_PATH = Path(__file__).with_name("config.yaml")
+PLUGIN_DATASETS = ("synthetic", "gait3d")
+# one line for error messages (the CLI shows a UserError as one line); PREPARE_HELP has the details
+PREPARE_COMMAND = ("`kpt data prepare gait3d --src RAW --dst DIR` (see `kpt data prepare gait3d "
+                   "--help`)")
 
 #: Model presets. ``paper``: reference gait.md 1.2 (OpenGait sizes). ``cpu``: the same design,
 #: narrow and shallow, for the offline synthetic run on a laptop CPU.
@@ -90,26 +94,35 @@ def _has(cfg, dotted: str) -> bool:
 # data
 # --------------------------------------------------------------------------------------------
 def _data_root(cfg) -> Path:
-    """The prepared tree for ``cfg.data``; generates the synthetic walkers when needed."""
+    """The prepared tree for ``cfg.data``; generates the synthetic walkers when needed.
+
+    A data root (``--data DIR``, ``--data-root DIR``, ``data.root``) is only ever read: it must
+    hold a prepared tree with its split file. Synthetic walkers are generated only when no root
+    is given, into ``data.cache_dir``; a typo'd path must not silently become synthetic data.
+    """
     name, root = cfg.data.name, str(cfg.data.root)
-    if name == "gait3d":
-        if not root:
-            raise GaitDataError(f"--data gait3d needs --data-root DIR.\n{PREPARE_HELP}")
-        path = Path(root).expanduser()
-        if not (path / cfg.data.split).is_file():
-            raise GaitDataError(f"{path}: no prepared Gait3D tree ({cfg.data.split} missing).\n"
-                                f"{PREPARE_HELP}")
-        return path
-    if name != "synthetic":
-        raise GaitDataError(f"unknown gait dataset {name!r}; use synthetic or gait3d")
-    spec = synthetic_spec(cfg)
+    if name not in PLUGIN_DATASETS:
+        raise GaitDataError(f"--data {name!r} (data.name): gait datasets are "
+                            f"{', '.join(PLUGIN_DATASETS)}, and no path {name!r} exists; give "
+                            f"one of them or the path of a prepared tree")
     if root:
         path = Path(root).expanduser()
-        if (path / cfg.data.split).is_file():
-            return path
-        return ensure_synthetic(path, spec)
+        split = path / cfg.data.split
+        if not path.is_dir():
+            raise GaitDataError(f"{path}: data folder not found (data.root, from --data or "
+                                f"--data-root)")
+        if not split.is_file():
+            raise GaitDataError(
+                f"{split}: split file missing, so {path} is not a prepared gait tree (nothing was "
+                f"written there). Train on synthetic walkers by leaving out --data (they are "
+                f"generated in data.cache_dir), write them to a folder with `kpt data get "
+                f"synthetic --dst DIR`, or prepare Gait3D with {PREPARE_COMMAND}")
+        return path
+    if name == "gait3d":
+        raise GaitDataError("--data gait3d needs the prepared Gait3D tree: pass --data-root DIR "
+                            f"(config key data.root); make the tree with {PREPARE_COMMAND}")
     cache = cfg.data.cache_dir or os.environ.get("KPT_CACHE", "~/.cache/kpt")
-    return ensure_synthetic(Path(cache).expanduser(), spec)
+    return ensure_synthetic(Path(cache).expanduser(), synthetic_spec(cfg))
 
 
 def synthetic_spec(cfg) -> SyntheticSpec:
@@ -137,10 +150,12 @@ def build_data(cfg) -> TaskData:
     split = read_split(root / cfg.data.split)
     train_records = scan_layout(root, split.train_ids)
     test_records = scan_layout(root, split.test_ids)
-    if not train_records or not test_records:
-        raise GaitDataError(f"{root}: the split names {len(split.train_ids)} train / "
-                            f"{len(split.test_ids)} test ids but {len(train_records)} / "
-                            f"{len(test_records)} sequences were found.\n{PREPARE_HELP}")
+    for key, ids, records in (("TRAIN_SET", split.train_ids, train_records),
+                              ("TEST_SET", split.test_ids, test_records)):
+        if not records:
+            raise GaitDataError(f"{root / cfg.data.split}: split {key} names {len(ids)} ids but "
+                                f"none has a sequence folder <id>/<type>/<view> under {root} "
+                                f"(check with `kpt data validate gait {root}`)")
     p = cfg.data.aug_prob
     size = {"cut": cfg.data.cut, "downsample": cfg.data.downsample}
     train_tf = GaitTransform(train=True, p_perspective=p, p_flip=p, p_rotate=p, **size)
@@ -268,7 +283,7 @@ PLUGIN = Plugin(
     build_model=build_model,
     training_step=training_step,
     evaluate=evaluate,
-    datasets=("synthetic", "gait3d"),
+    datasets=PLUGIN_DATASETS,
     commands={"data prepare": prepare_main, "data validate": validate_main,
               "data get": _synthetic_get},
     primary_metric="rank1",

@@ -25,13 +25,15 @@ import torch.nn.functional as F
 from kpt_plugins.mnist.keypoints import tight_boxes
 from torch import Tensor
 
+from kpt.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 SIZE = 40
 PAD = 6  # 28 + 2·6 = 40: affNIST's "just centered" digits
 
 
-class AffnistDataError(RuntimeError):
+class AffnistDataError(DataError, RuntimeError):
     """An affNIST ``.mat`` file is missing or malformed."""
 
 

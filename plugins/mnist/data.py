@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from kpt.data.safe_pickle import NUMPY_ARRAY_GLOBALS, restricted_load
+from kpt.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ NPZ_NAME = "mnist.npz"
 SPLIT_SIZES = {"x_train": 60000, "x_test": 10000}
 
 
-class MnistDataError(RuntimeError):
+class MnistDataError(DataError, RuntimeError):
     """MNIST files are missing, corrupt or cannot be obtained."""
 
 
@@ -121,8 +122,13 @@ def load_mnist_root(root: str | Path) -> dict[str, np.ndarray] | None:
     root = Path(root).expanduser()
     npz = root / NPZ_NAME if root.is_dir() else root
     if npz.suffix == ".npz" and npz.is_file():
-        with np.load(npz, allow_pickle=False) as f:
-            return check_arrays(dict(f), str(npz))
+        try:
+            with np.load(npz, allow_pickle=False) as f:
+                arrays = dict(f)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise MnistDataError(f"{npz}: not a readable .npz ({type(exc).__name__}: {exc})") \
+                from exc
+        return check_arrays(arrays, str(npz))
     if not root.is_dir():
         return None
     paths = {key: _find_idx(root, stem) for key, (stem, _) in IDX_FILES.items()}
@@ -131,7 +137,13 @@ def load_mnist_root(root: str | Path) -> dict[str, np.ndarray] | None:
     missing = [IDX_FILES[k][0] for k, p in paths.items() if p is None]
     if missing:
         raise MnistDataError(f"{root}: incomplete MNIST IDX set, missing {', '.join(missing)}[.gz]")
-    return check_arrays({k: read_idx(p) for k, p in paths.items()}, str(root))
+    arrays = {}
+    for key, path in paths.items():
+        try:
+            arrays[key] = read_idx(path)
+        except (OSError, EOFError) as exc:  # a truncated or non-gzip .gz
+            raise MnistDataError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc
+    return check_arrays(arrays, str(root))
 
 
 # ---------------------------------------------------------------------------------------------

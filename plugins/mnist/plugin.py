@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from kpt.engine.trainer import autocast_context
+from kpt.errors import DataError
 from kpt.plugin import Plugin, TaskData
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,10 @@ def build_data(cfg) -> TaskData:
     elif d.name == "mnist":
         arrays = load_mnist(d.root, d.cache_dir, download=d.download)
     else:
-        raise ValueError(f"data.name={d.name!r}: expected 'mnist' or 'synthetic'")
+        # `--data affnist` lands here: affNIST is a test set (--test affnist), not training data
+        raise DataError(f"--data {d.name!r} (data.name): mnist trains on 'mnist' or 'synthetic'; "
+                        f"{d.name!r} is not a training set and no path {d.name!r} exists "
+                        f"(test sets go to --test, e.g. --test affnist)")
     x_train, y_train = _limit(center_pad(arrays["x_train"]), torch.as_tensor(arrays["y_train"]),
                               d.train_limit)
     x_test, y_test = _limit(torch.as_tensor(arrays["x_test"]), torch.as_tensor(arrays["y_test"]),

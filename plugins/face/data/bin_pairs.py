@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from kpt.data.safe_pickle import NUMPY_ARRAY_GLOBALS, restricted_load
+from kpt.errors import DataError
 
 from .recordio import decode_image, encode_image
 
@@ -91,22 +92,24 @@ def load_bin(
     Raises:
         kpt.data.safe_pickle.UnsafePickleError: the file names a global outside numpy arrays
             (it may try to run code); nothing from it is executed.
-        ValueError: the content is not ``(list of 2·P images, list of P bools)``.
+        DataError: (a ValueError) the content is not ``(list of 2·P images, list of P bools)``.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"verification pair file not found: {path}")
+        from .checks import MissingDataError
+
+        raise MissingDataError(f"verification pair file not found: {path}")
     obj = _unpickle(path)
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
-        raise ValueError(f"{path}: expected a pickled (bins, issame_list) pair, got {type(obj)}")
+        raise DataError(f"{path}: expected a pickled (bins, issame_list) pair, got {type(obj)}")
     bins, issame = obj
     try:
         issame = np.asarray(list(issame), dtype=bool)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: issame_list must be a list of booleans ({exc})") from exc
+        raise DataError(f"{path}: issame_list must be a list of booleans ({exc})") from exc
     if not hasattr(bins, "__len__") or len(bins) != 2 * len(issame):
         n = len(bins) if hasattr(bins, "__len__") else "?"
-        raise ValueError(
+        raise DataError(
             f"{path}: bins holds {n} images but issame_list has {len(issame)} pairs "
             f"(expected exactly 2 images per pair)"
         )
@@ -118,7 +121,7 @@ def load_bin(
         if isinstance(raw, np.ndarray):
             raw = raw.tobytes()
         if not isinstance(raw, (bytes, bytearray)):
-            raise ValueError(f"{path}: image {i} is a {type(raw).__name__}, expected JPEG bytes")  # noqa: TRY004 (bad file content)
+            raise DataError(f"{path}: image {i} is a {type(raw).__name__}, expected JPEG bytes")
         img = decode_image(bytes(raw), f"{path} image {i}")
         if img.shape[0] != image_size or img.shape[1] != image_size:
             img = _resize_short(img, image_size)

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kpt.errors import DataError
+
 from ..align import ARCFACE_TEMPLATE_112
 from .bin_pairs import load_bin
 from .folders import ImageFolderFaces, TinyFaceProtocol
@@ -79,9 +81,11 @@ def detect_kind(path: str | Path) -> str:
             return "bin"
         if path.suffix in (".rec", ".idx"):
             return "rec"
-        raise ValueError(f"{path}: unknown face data file (expected a .bin pair file or a .rec)")
+        raise DataError(f"{path}: unknown face data file (expected a .bin pair file or a .rec)")
     if not path.is_dir():
-        raise FileNotFoundError(f"face data not found: {path}")
+        from .checks import MissingDataError
+
+        raise MissingDataError(f"face data not found: {path} does not exist")
     if (path / "train.rec").is_file():
         return "rec"
     try:
@@ -91,7 +95,7 @@ def detect_kind(path: str | Path) -> str:
         pass
     if any(p.is_dir() for p in path.iterdir()):
         return "folder"
-    raise ValueError(
+    raise DataError(
         f"{path}: not a face data set (expected train.rec/train.idx, a .bin file, TinyFace "
         f"Probe/Gallery_Match/Gallery_Distractor folders, or <root>/<identity>/<image> folders)"
     )

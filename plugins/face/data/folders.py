@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kpt.errors import DataError
+
 from .recordio import decode_image
 
 __all__ = [
@@ -69,7 +71,7 @@ class ImageFolderFaces:
             raise FileNotFoundError(f"image folder not found: {self.root}")
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         if not self.classes:
-            raise ValueError(
+            raise DataError(
                 f"{self.root}: no identity folders; expected <root>/<identity>/<image>.jpg"
             )
         paths: list[Path] = []
@@ -79,7 +81,7 @@ class ImageFolderFaces:
             paths += files
             labels += [label] * len(files)
         if not paths:
-            raise ValueError(
+            raise DataError(
                 f"{self.root}: the identity folders contain no images {IMAGE_EXTENSIONS}"
             )
         self.paths = paths

@@ -20,11 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kpt.errors import DataError
+
 __all__ = ["CACHE_NAME", "cache_path", "compute_landmarks", "read_landmarks", "write_landmarks"]
 
 log = logging.getLogger(__name__)
 
 CACHE_NAME = "ldmk_5points.csv"
+#: Landmarks further out than this (normalised units) are refused. RetinaFace can put a point of a
+#: face cut by the border slightly outside the frame, so half an image either side is allowed;
+#: anything further (7.5, -3, 1e30) is not a point of this image, and KP-RPE's clipped distance
+#: buckets would hide it.
+LANDMARK_RANGE = (-0.5, 1.5)
 _COLUMNS = ["idx"] + [f"ldmk_{i}" for i in range(10)] + ["score"]
 
 
@@ -50,40 +57,67 @@ def write_landmarks(path: str | Path, keypoints: np.ndarray, scores: np.ndarray)
 
 
 def read_landmarks(
-    path: str | Path, expected: int | None = None
+    path: str | Path, expected: int | None = None, problems: list[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Read a cache (also CVLface's ``ldmk_5points.csv`` without a score column).
+
+    Every row is checked: its number of fields, numbers, ``idx`` in order, and coordinates that are
+    finite and within ``LANDMARK_RANGE`` (normalised units) of the image.
 
     Args:
         path: the CSV.
         expected: number of items the data set has; a different row count is an error.
+        problems: when given, every problem is appended here (one line naming the file and row)
+            and the readable rows are returned; otherwise the first problems raise.
 
     Returns:
         keypoints (N, 5, 2) float32 and scores (N,) float32 (``None`` for CVLface files).
+
+    Raises:
+        DataError: (without ``problems``) a bad header or row, naming the file and the row.
     """
     path = Path(path)
+    found: list[str] = []
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or header[:11] != _COLUMNS[:11]:
-            raise ValueError(f"{path}: expected the header {','.join(_COLUMNS)}, got {header}")
+            raise DataError(f"{path}: expected the header {','.join(_COLUMNS)}, got {header}")
         has_score = len(header) > 11 and header[11] == "score"
-        rows = list(reader)
-    try:
-        table = np.array([[float(v) for v in r[: 12 if has_score else 11]] for r in rows])
-    except ValueError as exc:
-        raise ValueError(f"{path}: non-numeric landmark value ({exc})") from exc
-    if table.size == 0:
-        table = np.zeros((0, 12 if has_score else 11))
-    if not np.array_equal(table[:, 0], np.arange(len(table))):
-        raise ValueError(f"{path}: column idx must run 0..N-1 in order")
-    if not np.isfinite(table).all():
-        raise ValueError(f"{path}: contains NaN or infinite landmarks")
+        width = 12 if has_score else 11
+        rows = []
+        for n, row in enumerate(reader):
+            where = f"{path}: row {n} (line {n + 2})"
+            if len(row) != len(header):
+                found.append(f"{where}: {len(row)} fields, expected {len(header)} ({header})")
+                rows.append([float(n)] + [np.nan] * (width - 1))
+                continue
+            try:
+                values = [float(v) for v in row[:width]]
+            except ValueError as exc:
+                found.append(f"{where}: non-numeric value ({exc})")
+                rows.append([float(n)] + [np.nan] * (width - 1))
+                continue
+            xy = np.asarray(values[1:11])
+            if values[0] != n:
+                found.append(f"{where}: idx {row[0]}, expected {n} (idx must run 0..N-1 in order)")
+            elif not np.isfinite(values).all():
+                found.append(f"{where}: NaN or infinite value {row[: width]}")
+            elif xy.min() < LANDMARK_RANGE[0] or xy.max() > LANDMARK_RANGE[1]:
+                found.append(f"{where}: coordinate {xy[np.argmax(np.abs(xy - 0.5))]:g} outside "
+                             f"{list(LANDMARK_RANGE)} (normalised: 0..1 is the image)")
+            rows.append(values)
+    table = np.asarray(rows, np.float64).reshape(len(rows), width)
     if expected is not None and len(table) != expected:
-        raise ValueError(
+        found.append(
             f"{path}: {len(table)} rows but the data set has {expected} items; "
             f"re-run `kpt data prepare face --data ...`"
         )
+    if found and problems is None:
+        more = f" (and {len(found) - 3} more problems)" if len(found) > 3 else ""
+        raise DataError("; ".join(found[:3]) + more + "; re-run `kpt data prepare face --force`")
+    if problems is not None:
+        problems.extend(found)
     keypoints = table[:, 1:11].reshape(-1, 5, 2).astype(np.float32)
     scores = table[:, 11].astype(np.float32) if has_score else None
     return keypoints, scores

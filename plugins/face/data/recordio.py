@@ -28,6 +28,8 @@ import cv2
 import numpy as np
 from typing_extensions import Self
 
+from kpt.errors import DataError
+
 __all__ = [
     "MAGIC",
     "IRHeader",
@@ -57,7 +59,7 @@ _DECODE_FLAG = cv2.IMREAD_COLOR if _RGB_FLAG is None else _RGB_FLAG
 _FLOAT32_EXACT = 1 << 24
 
 
-class RecordIOError(ValueError):
+class RecordIOError(DataError, ValueError):
     """A malformed ``.rec``/``.idx``; the message names the file, the key/offset and the fault."""
 
 
@@ -104,11 +106,14 @@ def encode_image(rgb: np.ndarray, quality: int = 95) -> bytes:
 def decode_image(data: bytes | np.ndarray, what: str = "image") -> np.ndarray:
     """Encoded image bytes → (H, W, 3) uint8 RGB (as ``mx.image.imdecode``)."""
     buf = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
-    if _RGB_FLAG is not None:  # OpenCV ≥ 4.10 decodes straight to RGB (pixel-identical, faster)
-        img = cv2.imdecode(buf, _RGB_FLAG)
-    else:
-        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-        img = None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    try:  # cv2 raises (not returns None) on an empty buffer: a zero-byte file
+        if _RGB_FLAG is not None:  # OpenCV ≥ 4.10 decodes straight to RGB (pixel-identical)
+            img = cv2.imdecode(buf, _RGB_FLAG)
+        else:
+            img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+            img = None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    except cv2.error:
+        img = None
     if img is None:
         raise RecordIOError(f"{what}: the image bytes do not decode ({len(data)} bytes)")
     return img
@@ -395,6 +400,9 @@ class InsightFaceRec:
             if image_start > end:
                 unpack_record(bytes(buf[start:end]), f"{self.reader.rec_path} key {key}")
             label = _FLOAT.unpack_from(buf, start + _HEADER.size)[0]
+        if not 0 <= label < _FLOAT32_EXACT:  # also NaN: int() of it would be a bare ValueError
+            raise RecordIOError(f"{self.reader.rec_path} record key {key}: label {label} is not a "
+                                f"class index (a whole number >= 0)")
         return buf, image_start, end, int(label)
 
     def read_item(self, index: int) -> tuple[bytes, int]:
@@ -405,7 +413,10 @@ class InsightFaceRec:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         """(H, W, 3) uint8 RGB image and its integer label."""
         buf, start, end, label = self._locate(index)
-        img = cv2.imdecode(np.frombuffer(buf, np.uint8, end - start, start), _DECODE_FLAG)
+        try:
+            img = cv2.imdecode(np.frombuffer(buf, np.uint8, end - start, start), _DECODE_FLAG)
+        except cv2.error:  # an empty payload
+            img = None
         if img is None:
             raise RecordIOError(
                 f"{self.reader.rec_path} image {index} (key {self.image_keys[index]}): the image "
