@@ -490,7 +490,10 @@ def build_config(plugin: Plugin, config_files: Iterable[str | Path] = (),
     if base:
         cfg = layered([])
         saved = list(base.get("preset") or [])
-        asked = _select_presets(cfg, plugin, declared, [*cfg.preset, *presets], defaults)
+        try:
+            asked = _select_presets(cfg, plugin, declared, [*cfg.preset, *presets], defaults)
+        except ConfigError:  # a config saved by an older kpt: nothing is applied, so nothing to check
+            asked = saved
         if set(asked) != set(saved):
             logger.warning("the saved run config keeps its presets (%s); presets are not applied "
                            "again (asked for: %s)", ", ".join(saved) or "none",

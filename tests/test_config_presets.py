@@ -150,6 +150,9 @@ def test_resumed_config_is_not_changed_by_presets():
     again = build_config(face, base=saved.to_dict())
     assert again.to_dict() == saved.to_dict()
     assert again.train.optimizer == "adamw" and again.model.embedding_size == 256
+    older = {k: v for k, v in saved.to_dict().items() if k != "preset"}
+    older["recipe"] = None  # what a face run of an older kpt saved (no preset record)
+    assert build_config(face, base=older).preset == []
 
 
 def _plugin(presets: dict, **defaults) -> Plugin:
@@ -184,3 +187,8 @@ def test_presets_of_a_third_party_plugin():
 def test_bad_preset_declarations_are_errors(presets, overrides, match):
     with pytest.raises(ConfigError, match=match):
         build_config(_plugin(presets), overrides=overrides)
+
+
+def test_domain_help_lists_presets(capsys):
+    assert main(["train", "face", "--help"]) == 0
+    assert "step_sgd (recipe=step_sgd)" in capsys.readouterr().out
