@@ -34,8 +34,11 @@ examples:
   kpt train gait --config gait3d.yaml train.amp=bf16 --out runs/gait/swin
   kpt train mnist --resume auto                  continue the newest runs/mnist/* run
   kpt train mnist --print-config                 show the merged config and exit
+  kpt train face recipe=step_sgd --print-config  a preset (official recipe) and what it sets
 
-Config precedence: engine defaults < plugin defaults < --config files < --data/--test < key=value.
+Config precedence: engine defaults < plugin defaults < presets (--preset NAME, or chosen by a value
+such as recipe=step_sgd, --data gait3d, model.name=vit_small_kprpe) < --config files < --data/--test
+< key=value.
 Unknown keys are errors. The run folder (--out, default runs/DOMAIN/<timestamp>) receives config.yaml,
 metrics.jsonl, summary.json, last.pt, best.pt and weights.safetensors.
 An --out that already holds a run is refused: pass --resume to continue it or --overwrite to
@@ -76,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", nargs="+", metavar="NAME", help="evaluation sets (eval.test)")
     p.add_argument("--data-root", help="data root folder (data.root)")
     p.add_argument("--config", nargs="+", default=[], metavar="FILE", help="YAML config file(s)")
+    p.add_argument("--preset", action="append", default=[], metavar="NAME",
+                   help="apply a preset of the plugin (repeatable; `kpt train DOMAIN --help` lists them)")
     p.add_argument("--out", help="run folder (default runs/DOMAIN/<timestamp>)")
     p.add_argument("--resume", metavar="auto|PATH", help="continue a run from last.pt")
     p.add_argument("--overwrite", action="store_true",
@@ -136,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             base = read_checkpoint_config(resume)
             out = out or resume.parent
     cfg = build_config(plugin, args.config, args.overrides, args.data, args.test, args.data_root,
-                       base=base)
+                       base=base, presets=args.preset)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
@@ -317,7 +322,7 @@ def _domain_help(argv: list[str]) -> int | None:
     if len(argv) < 3 or argv[0] != "train" or argv[1].startswith("-") or not (
             {"-h", "--help"} & set(argv)):
         return None
-    from kpt.config import build_config
+    from kpt.config import PRESET_SELECTOR, build_config, plugin_presets
     from kpt.plugin import load_plugin
 
     _SUBPARSERS.clear()
@@ -326,6 +331,9 @@ def _domain_help(argv: list[str]) -> int | None:
     plugin = load_plugin(argv[1])
     print(f"\nplugin {plugin.name}: {plugin.description}")
     print(f"datasets: {', '.join(plugin.datasets) or 'none declared'}")
+    presets = [f"{name} ({p[PRESET_SELECTOR]}={name})" if p.get(PRESET_SELECTOR) else name
+               for name, p in plugin_presets(plugin).items()]
+    print(f"presets: {', '.join(presets) or 'none declared'}")
     print("default config:\n" + "\n".join("  " + line
                                           for line in build_config(plugin).to_yaml().splitlines()))
     return 0

@@ -1,4 +1,5 @@
-"""Typed configuration: plugin YAML defaults, then ``--config FILE``, then dotted ``key=value`` overrides.
+"""Typed configuration: plugin YAML defaults, then the chosen presets, then ``--config FILE``, then
+dotted ``key=value`` overrides.
 
 The type of every key is the type of its default. Later values are cast to it, so ``train.lr=1e-3`` is a
 float even though PyYAML's YAML 1.1 resolver reads ``1e-3`` as a string (we parse YAML with a YAML 1.2-style
@@ -6,11 +7,19 @@ float/bool resolver and still never trust the parsed type). A key that is not in
 with a "did you mean"; a section whose default is an empty mapping is open and accepts any key.
 
 The engine owns the ``train`` section: :data:`ENGINE_DEFAULTS` supplies every key a plugin leaves out.
+
+A *preset* is a named set of config values a plugin declares in the ``presets:`` section of its default
+config (an official training recipe, a dataset's schedule, an official model's settings). It is chosen
+explicitly (``preset=NAME`` / ``--preset NAME``) or by a value: a preset with ``selected_by: KEY`` is
+applied when ``KEY`` equals its name (``model.name=vit_small_kprpe``, ``--data gait3d``). The core
+applies presets while it builds the config, never later, and records them in the top-level ``preset``
+key, so ``--print-config`` shows exactly what the run uses.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
@@ -24,8 +33,11 @@ from kpt.registry import did_you_mean
 if TYPE_CHECKING:
     from kpt.plugin import Plugin
 
+logger = logging.getLogger(__name__)
+
 #: Keys the engine reads. ``train.batch_size`` is the global batch (split over DDP ranks).
 ENGINE_DEFAULTS: dict[str, Any] = {
+    "preset": [],                  # presets of the plugin applied to this config (see build_config)
     "data": {"name": "", "root": ""},
     "eval": {"test": []},
     "train": {
@@ -299,16 +311,135 @@ class Config(MutableMapping):
         return out
 
 
-def plugin_defaults(plugin: Plugin) -> dict:
-    """The plugin's default config as a dict (a relative YAML path is read next to its module)."""
+#: Key inside a preset naming the config key whose value selects it (``selected_by: data.name``).
+PRESET_SELECTOR = "selected_by"
+
+
+def _plugin_config(plugin: Plugin) -> tuple[dict, str]:
+    """The plugin's whole default config mapping (``presets`` included) and where it came from."""
     from kpt.plugin import plugin_module_dir
 
     if isinstance(plugin.default_config, Mapping):
-        return copy.deepcopy(dict(plugin.default_config))
+        return copy.deepcopy(dict(plugin.default_config)), f"default config of plugin {plugin.name!r}"
     path = Path(plugin.default_config)
     if not path.is_absolute():
         path = plugin_module_dir(plugin) / path
-    return load_yaml(path)
+    return load_yaml(path), str(path)
+
+
+def plugin_defaults(plugin: Plugin) -> dict:
+    """The plugin's default config as a dict (a relative YAML path is read next to its module).
+
+    The ``presets`` section is not part of the config; :func:`plugin_presets` reads it.
+    """
+    data, _ = _plugin_config(plugin)
+    data.pop("presets", None)
+    return data
+
+
+def plugin_presets(plugin: Plugin) -> dict[str, dict]:
+    """The presets the plugin declares: ``{name: {dotted key or section: value, ...}}``, in order.
+
+    A preset may hold ``selected_by: KEY`` (a dotted config key): it is then also chosen when that key's
+    final value equals the preset's name.
+
+    Raises:
+        ConfigError: the section is not a mapping of names to mappings, or ``selected_by`` is not a key
+            name.
+    """
+    data, where = _plugin_config(plugin)
+    raw = data.get("presets") or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: presets: expected a mapping of preset names to settings")
+    presets: dict[str, dict] = {}
+    for name, values in raw.items():
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{where}: presets.{name}: expected a mapping of keys to values, got "
+                              f"{type(values).__name__}")
+        selector = values.get(PRESET_SELECTOR)
+        if selector is not None and (not isinstance(selector, str) or not selector):
+            raise ConfigError(f"{where}: presets.{name}.{PRESET_SELECTOR}: expected a config key "
+                              f"such as data.name, got {selector!r}")
+        if "preset" in values:
+            raise ConfigError(f"{where}: presets.{name}: a preset cannot choose other presets")
+        presets[str(name)] = dict(values)
+    return presets
+
+
+def _preset_values(name: str, preset: Mapping) -> dict[str, Any]:
+    """Flat ``{dotted key: value}`` a preset sets, its selector key (set to its name) included."""
+    def flatten(tree: Mapping, prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, Mapping) and value:
+                out.update(flatten(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    values = flatten({k: v for k, v in preset.items() if k != PRESET_SELECTOR}, "")
+    if preset.get(PRESET_SELECTOR):
+        values[preset[PRESET_SELECTOR]] = name
+    return values
+
+
+def _apply_preset(cfg: Config, plugin: Plugin, name: str, preset: Mapping) -> None:
+    """Set every value of preset ``name`` on ``cfg`` (strict: unknown keys are errors)."""
+    source = f"preset {name!r} of plugin {plugin.name!r}"
+    for key, value in _preset_values(name, preset).items():
+        cfg.set(key, value, source)
+
+
+def _select_presets(cfg: Config, plugin: Plugin, presets: Mapping[str, Mapping],
+                    explicit: Iterable[str], defaults: Mapping) -> list[str]:
+    """Names of the presets ``cfg`` asks for: named in ``explicit``, or chosen by a selector value.
+
+    A selector whose plugin default is ``""`` (such as face's ``recipe``) exists only to choose
+    presets, so any other value is an error.
+    """
+    wanted = set()
+    for name in explicit:
+        if name not in presets:
+            raise ConfigError(f"unknown preset {name!r} of plugin {plugin.name!r}."
+                              f"{did_you_mean(name, presets)} Presets: "
+                              f"{', '.join(presets) or 'none'}")
+        wanted.add(name)
+    selectors: dict[str, list[str]] = {}
+    for name, preset in presets.items():
+        if preset.get(PRESET_SELECTOR):
+            selectors.setdefault(preset[PRESET_SELECTOR], []).append(name)
+    for key, names in selectors.items():
+        try:
+            value = cfg[key]
+        except KeyError as exc:
+            raise ConfigError(f"preset(s) {', '.join(names)} of plugin {plugin.name!r}: "
+                              f"{PRESET_SELECTOR}: {exc.args[0]}") from None
+        if value in names:
+            wanted.add(value)
+        elif value != "" and _default_of(defaults, key) == "":
+            raise ConfigError(f"{key}={value!r}: plugin {plugin.name!r} has no such preset."
+                              f"{did_you_mean(str(value), names)} Expected one of "
+                              f"{', '.join(names)} (or '' for none)")
+    return [name for name in presets if name in wanted]
+
+
+def _default_of(defaults: Mapping, key: str) -> Any:
+    node: Any = defaults
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
+
+
+def _check_preset_conflicts(chosen: list[str], presets: Mapping[str, Mapping]) -> None:
+    """Two chosen presets must not set one key to different values (order would then decide)."""
+    seen: dict[str, tuple[str, Any]] = {}
+    for name in chosen:
+        for key, value in _preset_values(name, presets[name]).items():
+            if key in seen and seen[key][1] != value:
+                raise ConfigError(f"presets {seen[key][0]!r} and {name!r} set {key} to "
+                                  f"{seen[key][1]!r} and {value!r}: choose one, or set {key} "
+                                  f"yourself after choosing one")
+            seen.setdefault(key, (name, value))
 
 
 class DataNameError(ConfigError, DataError):
@@ -318,8 +449,15 @@ class DataNameError(ConfigError, DataError):
 def build_config(plugin: Plugin, config_files: Iterable[str | Path] = (),
                  overrides: Iterable[str] = (), data: str | None = None,
                  test: Iterable[str] | None = None, data_root: str | None = None,
-                 base: Mapping | None = None) -> Config:
-    """Engine defaults < plugin defaults < ``base`` (a saved run) < files < --data/--test < overrides.
+                 base: Mapping | None = None, presets: Iterable[str] = ()) -> Config:
+    """Engine defaults < plugin defaults < presets < ``base`` (a saved run) < files < --data/--test
+    < overrides.
+
+    The presets applied are the ones named by ``presets`` (``--preset``) or by the ``preset`` key of the
+    files and overrides, plus those whose ``selected_by`` key ends with their name; the result lists
+    them in ``cfg.preset``. Presets sit below every user source, so a user value always wins. With
+    ``base`` no preset is applied again: the saved config already holds them, and its ``preset`` list
+    is kept.
 
     Args:
         plugin: the domain plugin.
@@ -329,13 +467,77 @@ def build_config(plugin: Plugin, config_files: Iterable[str | Path] = (),
         test: ``--test`` names (``eval.test``).
         data_root: ``--data-root`` (``data.root``).
         base: a previously saved config (resume), strict.
+        presets: names of presets to apply (``--preset``).
+
+    Raises:
+        ConfigError: an unknown key, value, dataset or preset, or two chosen presets that disagree.
     """
-    cfg = Config(ENGINE_DEFAULTS)
-    cfg.update_from(plugin_defaults(plugin), f"default config of plugin {plugin.name!r}", strict=False)
+    defaults = plugin_defaults(plugin)
+    declared = plugin_presets(plugin)
+    files = [(str(path), load_yaml(path)) for path in config_files]
+    overrides, presets = list(overrides), [str(p) for p in presets]
+    test = None if test is None else [str(t) for t in test]
+
+    merged = _merge_defaults(ENGINE_DEFAULTS, defaults, f"default config of plugin {plugin.name!r}")
+
+    def layered(chosen: list[str]) -> Config:
+        cfg = Config(merged)
+        for name in chosen:
+            _apply_preset(cfg, plugin, name, declared[name])
+        if base:
+            cfg.update_from(base, "saved run config")
+        for path, values in files:
+            cfg.update_from(values, path)
+        _apply_data_options(cfg, plugin, data, test, data_root)
+        cfg.override(overrides)
+        return cfg
+
     if base:
-        cfg.update_from(base, "saved run config")
-    for path in config_files:
-        cfg.update_from(load_yaml(path), str(path))
+        cfg = layered([])
+        saved = list(base.get("preset") or [])
+        try:
+            asked = _select_presets(cfg, plugin, declared, [*cfg.preset, *presets], defaults)
+        except ConfigError:  # a config saved by an older kpt: nothing is applied, so nothing to check
+            asked = saved
+        if set(asked) != set(saved):
+            logger.warning("the saved run config keeps its presets (%s); presets are not applied "
+                           "again (asked for: %s)", ", ".join(saved) or "none",
+                           ", ".join(asked) or "none")
+        cfg.set("preset", saved, "saved run config")
+        return cfg
+    # A preset may set another preset's selector (rare): repeat until the choice is stable.
+    chosen: list[str] = []
+    while True:
+        cfg = layered(chosen)
+        wanted = _select_presets(cfg, plugin, declared, [*cfg.preset, *presets], defaults)
+        if set(wanted) <= set(chosen):
+            break
+        chosen = [name for name in declared if name in wanted or name in chosen]
+    _check_preset_conflicts(chosen, declared)
+    if chosen:
+        logger.info("presets of plugin %s: %s", plugin.name, ", ".join(chosen))
+    cfg.set("preset", chosen, "presets")
+    return cfg
+
+
+def _merge_defaults(engine: Mapping, plugin: Mapping, source: str, prefix: str = "") -> dict:
+    """Engine defaults updated with the plugin's: values the engine declares are cast to its type;
+    the plugin's own keys keep their YAML value as they are (``""`` stays a string, not ``None``)."""
+    out = copy.deepcopy(dict(engine))
+    for key, value in plugin.items():
+        key = str(key)
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge_defaults(out[key], value, source, f"{prefix}{key}.")
+        elif key in out and not isinstance(out[key], Mapping):
+            out[key] = cast_value(value, out[key], f"{prefix}{key}", source)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _apply_data_options(cfg: Config, plugin: Plugin, data: str | None, test: list[str] | None,
+                        data_root: str | None) -> None:
+    """``--data NAME|PATH``, ``--test NAME ...`` and ``--data-root`` onto ``cfg``."""
     known = tuple(plugin.datasets)
     if data is not None:
         if Path(data).exists() or "/" in data or "\\" in data:
@@ -349,7 +551,6 @@ def build_config(plugin: Plugin, config_files: Iterable[str | Path] = (),
                     f"path of your data")
             cfg.set("data.name", data, "--data")
     if test is not None:
-        test = [str(t) for t in test]
         for name in test:
             is_path = Path(name).exists() or "/" in name or "\\" in name  # e.g. a .bin pair file
             if known and name not in known and not is_path:
@@ -358,5 +559,3 @@ def build_config(plugin: Plugin, config_files: Iterable[str | Path] = (),
         cfg.set("eval.test", test, "--test")
     if data_root is not None:
         cfg.set("data.root", data_root, "--data-root")
-    cfg.override(overrides)
-    return cfg

@@ -128,20 +128,6 @@ def test_eval_accepts_a_bare_backbone_file(tmp_path):
     assert 0.0 <= json.loads(out.read_text())["tiny/accuracy"] <= 1.0
 
 
-def test_recipe_sets_official_optimiser_but_keeps_user_values():
-    from kpt_plugins.face.plugin import PLUGIN, apply_recipe
-
-    from kpt.config import build_config
-
-    cfg = build_config(PLUGIN, overrides=["recipe=step_sgd", "train.lr=0.05"])
-    apply_recipe(cfg)
-    assert cfg.train.optimizer == "sgd" and cfg.train.weight_decay == 5e-4
-    assert cfg.train.epochs == 26 and cfg.train.sched == "step"
-    assert cfg.train.lr == 0.05  # the user's value wins over the preset
-    with pytest.raises(ValueError, match="recipe"):
-        apply_recipe(build_config(PLUGIN, overrides=["recipe=adam"]))
-
-
 def test_render_cache_returns_identical_items():
     from kpt_plugins.face.plugin import RenderCache
     from kpt_plugins.face.synthetic.dataset import SyntheticFaces

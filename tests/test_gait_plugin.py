@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 from kpt_plugins.gait.data import GaitDataError
-from kpt_plugins.gait.plugin import PLUGIN, apply_profile, build_data, evaluate
+from kpt_plugins.gait.plugin import PLUGIN, build_data, evaluate
 from torch import nn
 
 from kpt.config import build_config
@@ -93,9 +93,9 @@ def test_evaluate_is_the_gait3d_protocol(tmp_path):
     assert got == pytest.approx(expected)
 
 
-def test_gait3d_profile_and_prepare_message(tmp_path):
+def test_gait3d_preset_and_prepare_message(tmp_path):
     cfg = build_config(PLUGIN, data="gait3d", overrides=["train.lr=1e-4"])
-    apply_profile(cfg)
+    assert cfg.preset == ["gait3d"] and cfg.model.preset == "paper"
     assert cfg.train.max_steps == 60000 and cfg.train.batch_size == 128
     assert cfg.data.frames == 30 and cfg.train.lr == pytest.approx(1e-4)  # the user's value wins
     assert cfg.model.stem_head_lr_mult == pytest.approx(0.1)  # OpenGait's groups on Gait3D only

@@ -43,18 +43,6 @@ logger = logging.getLogger(__name__)
 BIN_NAMES = ("lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp")
 DATASETS = ("synthetic", *BIN_NAMES)
 
-#: Official CVLface optimiser presets (reference kprpe.md §6.3). ``step_sgd`` decays ×0.1 every 12
-#: epochs (official milestones 12, 20, 24 of 26: the engine's step schedule has one period).
-RECIPES: dict[str, dict[str, Any]] = {
-    "step_sgd": {"optimizer": "sgd", "momentum": 0.9, "lr": 0.1, "weight_decay": 5e-4,
-                 "epochs": 26, "warmup_epochs": 1.0, "sched": "step", "decay_epochs": 12.0,
-                 "warmup_lr": 0.0, "clip_grad": 5.0},
-    "cosine": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.3, "epochs": 34,
-               "warmup_epochs": 3.0, "sched": "cosine", "warmup_lr": 0.0, "min_lr": 0.0,
-               "clip_grad": 5.0},
-}
-_CONFIG = Path(__file__).with_name("config.yaml")
-
 
 # ------------------------------------------------------------------------------------------ model
 class FaceRecognizer(nn.Module):
@@ -131,22 +119,6 @@ def training_step(model: nn.Module, batch: dict, cfg: Config) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ data
-def apply_recipe(cfg: Config) -> None:
-    """Set the ``recipe`` preset on every ``train`` key still at the plugin default."""
-    name = cfg.recipe
-    if not name:
-        return
-    if name not in RECIPES:
-        raise ValueError(f"recipe={name!r}: expected one of {', '.join(RECIPES)} (or '')")
-    from kpt.config import ENGINE_DEFAULTS, load_yaml
-
-    defaults = {**ENGINE_DEFAULTS["train"], **load_yaml(_CONFIG).get("train", {})}
-    for key, value in RECIPES[name].items():
-        if cfg.train[key] == defaults.get(key):
-            cfg.train.set(key, value, f"recipe {name!r}")
-    logger.info("recipe %s: %s", name, {k: cfg.train[k] for k in RECIPES[name]})
-
-
 def _augment(cfg: Config) -> FaceAugment:
     d = cfg.data
     return FaceAugment(d.scale_min, d.scale_max, d.rot_prob, d.max_rot, d.hflip_prob,
@@ -266,7 +238,6 @@ def build_eval_sets(cfg: Config) -> dict[str, PairSet]:
 
 def build_data(cfg: Config) -> TaskData:
     """Training faces (augmented in the collate function) and the verification sets."""
-    apply_recipe(cfg)
     dataset, info = build_train_set(cfg)
     labels = _labels_of(dataset)
     prob = cfg.data.repeated_augment_prob

@@ -28,12 +28,10 @@ from kpt_plugins.gait.synthetic import SyntheticSpec, ensure_synthetic, generate
 from kpt_plugins.gait.transforms import GaitTransform
 from torch import Tensor, nn
 
-from kpt.config import load_yaml
 from kpt.plugin import Plugin, TaskData
 
 logger = logging.getLogger(__name__)
 
-CONFIG_PATH = Path(__file__).with_name("config.yaml")
 PLUGIN_DATASETS = ("synthetic", "gait3d")
 # one line for error messages (the CLI shows a UserError as one line); PREPARE_HELP has the details
 PREPARE_COMMAND = ("`kpt data prepare gait3d --src RAW --dst DIR` (see `kpt data prepare gait3d "
@@ -47,47 +45,6 @@ PRESETS: dict[str, dict] = {
     "cpu": {"channels": (8, 16), "embed_dim": 32, "depths": (2, 1), "num_heads": (2, 4),
             "embedding_dim": 32, "parts": 15},
 }
-
-
-# --------------------------------------------------------------------------------------------
-# config profile
-# --------------------------------------------------------------------------------------------
-def apply_profile(cfg) -> None:
-    """Applies ``profiles.<data.name>`` to every key still at this plugin's default value.
-
-    The plugin defaults are sized for the synthetic CPU run; ``--data gait3d`` needs the paper's
-    schedule. Keys the user changed (``--config``, ``key=value``) keep their value; every key a
-    profile sets must have a plugin default in config.yaml (so "unchanged" is decidable).
-    """
-    profiles = cfg["profiles"] if _has(cfg, "profiles") else {}
-    if cfg.data.name not in profiles:
-        return
-    defaults = load_yaml(CONFIG_PATH)
-    flat_profile = _flatten(profiles[cfg.data.name].to_dict())
-    flat_defaults = _flatten({k: v for k, v in defaults.items() if k != "profiles"})
-    for key, value in flat_profile.items():
-        if key not in flat_defaults:
-            raise KeyError(f"{CONFIG_PATH}: profile key {key!r} has no plugin default")
-        if cfg[key] == flat_defaults[key]:
-            cfg.set(key, value, f"profile {cfg.data.name!r}")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _has(cfg, dotted: str) -> bool:
-    try:
-        cfg[dotted]
-    except KeyError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +102,6 @@ def _pk_sampler_factory(k: int):
 
 def build_data(cfg) -> TaskData:
     """Training clips + the test sequences (probe set from the split json)."""
-    apply_profile(cfg)
     root = _data_root(cfg)
     split = read_split(root / cfg.data.split)
     train_records = scan_layout(root, split.train_ids)
@@ -176,7 +132,7 @@ def build_data(cfg) -> TaskData:
 def model_kwargs(cfg, num_classes: int) -> dict:
     """SwinGait2D keyword arguments for ``cfg.model`` (preset resolved)."""
     preset = cfg.model.preset
-    if preset == "auto":
+    if preset == "auto":  # configs written before the gait3d preset chose the size
         preset = "paper" if cfg.data.name == "gait3d" else "cpu"
     if preset not in PRESETS:
         raise ValueError(f"model.preset {preset!r}: use auto, {', '.join(PRESETS)}")
