@@ -127,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if resume is None:
             print(f"kpt: nothing to resume for {args.domain}; starting a new run", file=sys.stderr)
         else:
-            base = read_checkpoint_config(resume)
+            base = read_checkpoint_config(resume, plugin.name)
             out = out or resume.parent
     cfg = build_config(plugin, args.config, args.overrides, args.data, args.test, args.data_root,
                        base=base)
@@ -146,7 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "eval" in plugin.commands:
         return int(plugin.commands["eval"](list(args.rest)))
     parser = argparse.ArgumentParser(prog=f"kpt eval {args.domain}")
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", help="run folder, last.pt, best.pt or weights.safetensors")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--test", nargs="+")
     parser.add_argument("--data-root")
@@ -161,26 +161,23 @@ def _evaluate_checkpoint(plugin: object, ns: argparse.Namespace) -> int:
     import torch
 
     from kpt.config import build_config
-    from kpt.engine.checkpoint import check_compatible, load_checkpoint
     from kpt.engine.distributed import init_distributed
     from kpt.engine.progress import configure_logging, metric_table
     from kpt.engine.trainer import evaluate_model
+    from kpt.engine.weights import apply_run_state, read_run_state
 
     configure_logging()
-    ckpt = load_checkpoint(ns.checkpoint)
-    if ckpt.get("plugin") != plugin.name:
-        raise CliError(f"{ns.checkpoint} was written by plugin {ckpt.get('plugin')!r}, not "
-                       f"{plugin.name!r}")
+    # a run folder, last.pt / best.pt or weights.safetensors of this plugin (else a CheckpointError)
+    ckpt = read_run_state(ns.checkpoint, plugin.name)
     cfg = build_config(plugin, overrides=ns.overrides, test=ns.test, data_root=ns.data_root,
                        base=ckpt["config"])
     _, device = init_distributed(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     data = plugin.build_data(cfg)
     model = plugin.build_model(cfg, ckpt["info"])
-    check_compatible(ckpt, ns.checkpoint, plugin.name, model)
-    model.load_state_dict(ckpt["model"])
+    apply_run_state(model, ckpt)
     metrics = evaluate_model(plugin, model.to(device), data, cfg, device)
-    print(metric_table(metrics, f"{plugin.name}: {ns.checkpoint} (step {ckpt.get('step')})"))
+    print(metric_table(metrics, f"{plugin.name}: {ckpt['path']} (step {ckpt['step']})"))
     if ns.json:
         Path(ns.json).write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
