@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -87,8 +88,11 @@ def read_torch_file(path: Path, map_location: str | torch.device = "cpu", mmap: 
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path} holds objects other than tensors and plain data, which kpt "
-                              f"refuses to unpickle; expected a kpt checkpoint ({exc})") from exc
+        # torch's message suggests weights_only=False; name only the refused object
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f" ({found[1]})" if found else ""
+        raise CheckpointError(f"{path} holds objects other than tensors and plain data{what}, which "
+                              "kpt refuses to unpickle; expected a kpt checkpoint") from exc
     except Exception as exc:
         raise CheckpointError(f"cannot read {path} as a torch checkpoint (truncated or not a torch "
                               f"file?): {type(exc).__name__}: {exc}") from exc
