@@ -276,12 +276,28 @@ def test_resume_checks_checkpoint_keys(run, tiny_installed, tmp_path):
 
 
 # -- the atomic writer and its leftovers ----------------------------------------------------------------
-def test_atomic_writes_leave_no_temporary_file(tmp_path):
+def test_atomic_writes_leave_no_temporary_file(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
     atomic_write(tmp_path / "a.bin", lambda fh: fh.write(b"abc"))
-    save_model(_vit(), tmp_path / "m.safetensors")
-    save_model(_vit(), tmp_path / "m.pt")
+    model = _vit()
+    save_model(model, tmp_path / "m.safetensors")
+    assert synced  # bare models are fsync'ed like run files now
+    save_model(model, tmp_path / "m.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "m.pt", "m.safetensors"]
     assert (tmp_path / "a.bin").read_bytes() == b"abc"
+
+    def broken_save(obj, fh):  # a full disk half-way through the write
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(_vit(), tmp_path / "m.pt")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "m.pt", "m.safetensors"]
+    assert torch.equal(_outputs(kpt.load_model(tmp_path / "m.pt")), _outputs(model))
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the pid liveness probe is POSIX only")
