@@ -148,6 +148,7 @@ def _json_field(meta: Mapping[str, Any], key: str, kind: type, path: Path,
                               f"expected {expected}")
     return value
 
+
 # -- checks shared with training checkpoints ---------------------------------------------------------
 # keys every kpt.checkpoint has (the trainer always writes them), with their types
 _CHECKPOINT_KEYS = {"plugin": str, "model_class": str, "config": dict, "info": dict, "model": dict,
@@ -177,12 +178,14 @@ def check_checkpoint(ckpt: Any, path: Path) -> dict[str, Any]:
 
 
 def other_plugin_error(path: Path, written_by: str, wanted: str) -> CheckpointError:
-    return CheckpointError(f"{path} was written by plugin {written_by!r}, not {wanted!r}; use `kpt ... "
-                           f"{written_by}` with it, or pass a checkpoint of a {wanted} run")
+    """The error for a file of plugin ``written_by`` given to plugin ``wanted``."""
+    return CheckpointError(f"{path} was written by plugin {written_by!r}, not {wanted!r}; use it with "
+                           f"`kpt eval {written_by}` / `kpt train {written_by}`, or pass a run of "
+                           f"{wanted}")
 
 
 def check_fit(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path,
-               skip: set[str] | frozenset[str] = frozenset()) -> None:
+              skip: set[str] | frozenset[str] = frozenset()) -> None:
     """Raise CheckpointError unless ``state`` has every tensor of ``model`` with the same shape.
 
     Names in ``skip`` (rank-local shards, excluded on save) may be absent or differ; a name missing from
@@ -345,7 +348,7 @@ def _read_file(path: Path, tensors: bool = True) -> tuple[dict[str, Any], dict[s
     if path.suffix not in TORCH_SUFFIXES:
         raise CheckpointError(f"{path}: not a kpt weights file; expected a run folder or a "
                               ".safetensors / .pt / .pth / .ckpt file")
-    obj = read_torch_file(path, mmap=not tensors and path.stat().st_size > 0)
+    obj = read_torch_file(path, mmap=not tensors)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a kpt checkpoint or "
                               "weights dict")
