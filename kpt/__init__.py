@@ -23,9 +23,11 @@ def load_model(path: str, map_location: str = "cpu") -> Any:
     """Load a model from a kpt checkpoint or weights file; the architecture is read from the file.
 
     Engine checkpoints and weights of plugin runs (``last.pt``, ``best.pt``, ``weights.safetensors``)
-    are rebuilt through their plugin; bare-model files go to ``kpt.models.serialization.load_model``.
-    Files are read with ``weights_only=True`` / safetensors (never arbitrary pickles).
+    are rebuilt through their plugin, bare backbones (``kpt.models.save_model``, ``kpt convert``) through
+    the model registry; a run folder resolves to its weights. Files are read with safetensors or
+    ``torch.load(weights_only=True)`` (never arbitrary pickles); unreadable or foreign files raise
+    ``kpt.engine.weights.CheckpointError`` (a ``kpt.errors.UserError``) naming the file.
     """
-    from kpt.engine.checkpoint import load_model as _load
+    from kpt.engine.weights import load_model as _load
 
     return _load(path, map_location=map_location)

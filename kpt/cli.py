@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if resume is None:
             print(f"kpt: nothing to resume for {args.domain}; starting a new run", file=sys.stderr)
         else:
-            base = read_checkpoint_config(resume)
+            base = read_checkpoint_config(resume, plugin.name)
             out = out or resume.parent
     cfg = build_config(plugin, args.config, args.overrides, args.data, args.test, args.data_root,
                        base=base, presets=args.preset)
@@ -157,7 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "eval" in plugin.commands:
         return int(plugin.commands["eval"](list(args.rest)))
     parser = argparse.ArgumentParser(prog=f"kpt eval {args.domain}")
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", help="run folder, last.pt, best.pt or weights.safetensors")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--test", nargs="+")
     parser.add_argument("--data-root")
@@ -173,57 +173,32 @@ def _evaluate_checkpoint(plugin: object, ns: argparse.Namespace) -> int:
 
     import kpt
     from kpt.config import build_config
-    from kpt.engine.checkpoint import CHECKPOINT_FORMAT, check_compatible, resolve_run_weights
     from kpt.engine.distributed import init_distributed
     from kpt.engine.progress import configure_logging, metric_table
     from kpt.engine.trainer import evaluate_model
+    from kpt.engine.weights import apply_run_state, read_run_state
 
     configure_logging()
-    path = resolve_run_weights(ns.checkpoint)
-    ckpt = _eval_source(path)
-    if ckpt.get("plugin", plugin.name) != plugin.name:
-        raise CliError(f"{ns.checkpoint} was written by plugin {ckpt.get('plugin')!r}, not "
-                       f"{plugin.name!r}")
+    # a run folder, last.pt / best.pt or weights.safetensors of this plugin, or a bare model file
+    # (`kpt convert` output: evaluated with the plugin's defaults and the overrides)
+    ckpt = read_run_state(ns.checkpoint, plugin.name, allow_bare=True)
     cfg = build_config(plugin, overrides=ns.overrides, test=ns.test, data_root=ns.data_root,
                        base=ckpt.get("config"))
     _, device = init_distributed(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     data = plugin.build_data(cfg)
-    if ckpt.get("format") == CHECKPOINT_FORMAT:
+    if ckpt["plugin"] is None:  # the file itself says how to rebuild the model
+        model = kpt.load_model(str(ckpt["path"]))
+    else:
         model = plugin.build_model(cfg, ckpt["info"])
-        check_compatible(ckpt, path, plugin.name, model)
-        model.load_state_dict(ckpt["model"])
-    else:  # the file itself says how to rebuild the model
-        model = kpt.load_model(str(path))
+        apply_run_state(model, ckpt)
     metrics = evaluate_model(plugin, model.to(device), data, cfg, device)
-    step = f" (step {ckpt['step']})" if "step" in ckpt else ""
-    print(metric_table(metrics, f"{plugin.name}: {ns.checkpoint}{step}"))
+    print(metric_table(metrics, f"{plugin.name}: {ckpt['path']} (step {ckpt['step']})"))
     if ns.json:
         Path(ns.json).write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
 
 
-def _eval_source(path: Path) -> dict:
-    """What ``kpt eval`` knows of a model file before loading it.
-
-    A training checkpoint (``last.pt``/``best.pt``) is returned whole; a run's
-    ``weights.safetensors`` gives its plugin and run config; a bare model file (``kpt convert``
-    output) gives ``{}``: it is evaluated with the plugin's defaults and the overrides.
-    """
-    from kpt.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
-
-    if path.suffix != ".safetensors":
-        ckpt = load_checkpoint(path)
-        return ckpt if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT else {}
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise CliError(f"{path} does not exist")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-    if not meta.get("plugin"):
-        return {}
-    return {"plugin": meta["plugin"], "config": json.loads(meta["config"])}
 
 
 def _dispatch(domain: str, command: str, rest: Sequence[str]) -> int:

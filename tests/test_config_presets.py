@@ -55,7 +55,7 @@ def test_print_config_is_the_config_the_run_uses(domain, selection, tmp_path, ca
     printed = _print_config(argv, capsys)
     seen = {}
 
-    def fake_train(plugin, cfg, out_dir=None, resume=None):
+    def fake_train(plugin, cfg, out_dir=None, resume=None, overwrite=False):
         seen["handed"] = cfg.to_yaml()
         try:  # gait3d has no prepared tree here: build_data may fail, but must not edit cfg first
             plugin.build_data(cfg)

@@ -8,7 +8,7 @@ Registered in :data:`kpt.registry.MODELS` (``kpt.create_model(name, **kwargs)``)
 * ``vit_small_kprpe`` / ``vit_base_kprpe``: the official CVLface face models (exact architecture);
 * ``swin_v2_s_kprpe``: the official CVLface Swin-V2-S KP-RPE face model layout.
 
-Bare-model checkpoints: :func:`~kpt.models.serialization.save_model` / ``load_model``.
+Bare-model files: :func:`~kpt.engine.weights.save_model` / ``load_model`` (re-exported here).
 """
 
 from kpt.models.presets import FACTORIES, PRESETS, build
