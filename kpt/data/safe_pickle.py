@@ -12,6 +12,8 @@ import pickle
 from collections.abc import Iterable
 from typing import IO, Any
 
+from kpt.errors import DataError
+
 #: Globals that plain numpy arrays need (numpy 1.x and 2.x module paths).
 NUMPY_ARRAY_GLOBALS: frozenset[tuple[str, str]] = frozenset({
     ("numpy.core.multiarray", "_reconstruct"),
@@ -29,7 +31,11 @@ BUILTIN_GLOBALS: frozenset[tuple[str, str]] = frozenset({
 })
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class InvalidPickleError(DataError, pickle.UnpicklingError):
+    """The file is not a valid pickle (truncated, or not a pickle at all); names the file."""
+
+
+class UnsafePickleError(DataError, pickle.UnpicklingError):
     """The pickle referenced a global outside the allowed set."""
 
 
@@ -65,7 +71,8 @@ def restricted_load(fileobj_or_bytes: IO[bytes] | bytes | bytearray | memoryview
 
     Raises:
         UnsafePickleError: the pickle names a global not in ``allowed``.
-        pickle.UnpicklingError: the data is not a valid pickle (message names ``what``).
+        InvalidPickleError: the data is not a valid pickle (message names ``what``); a
+            ``pickle.UnpicklingError`` as before.
     """
     if isinstance(fileobj_or_bytes, (bytes, bytearray, memoryview)):
         fileobj: IO[bytes] = io.BytesIO(bytes(fileobj_or_bytes))
@@ -76,5 +83,5 @@ def restricted_load(fileobj_or_bytes: IO[bytes] | bytes | bytearray | memoryview
     except UnsafePickleError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise pickle.UnpicklingError(f"{what}: not a valid pickle ({type(exc).__name__}: {exc})") \
+        raise InvalidPickleError(f"{what}: not a valid pickle ({type(exc).__name__}: {exc})") \
             from exc

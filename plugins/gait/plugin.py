@@ -275,4 +275,7 @@ PLUGIN = Plugin(
     check_config={"data.synthetic_train_ids": 4, "data.synthetic_test_ids": 3,
                   "data.synthetic_seqs": 2, "data.synthetic_frames": 12, "data.frames": 8,
                   "data.k": 2, "train.batch_size": 4, "model.drop_path_rate": 0.0},
+    choices={"model.pos": ("none", "kprpe"), "model.preset": ("auto", *PRESETS),
+             "model.parts": (0, 15, 16), "data.name": ("synthetic", "gait3d"),
+             "eval.metric": ("euclidean", "cosine")},
 )
