@@ -188,8 +188,13 @@ class PluginEntry:
                 if problems:
                     raise PluginError("; ".join(problems))
                 self.plugin, self.status = obj, "ok"
-            except Exception as exc:  # noqa: BLE001 - broken third-party code must not crash kpt
-                self.status, self.error = "broken", str(exc)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - broken third-party code (even one calling
+                # sys.exit() while it is imported) must not crash kpt: it is listed as broken
+                self.status = "broken"
+                self.error = str(exc) if not isinstance(exc, SystemExit) else (
+                    f"{self.where}: called sys.exit({exc.code!r}) while loading")
                 logger.debug("%s", exc)
         if self.status != "ok" and raise_errors:
             raise PluginError(self.error)
