@@ -52,7 +52,8 @@ def _layout(net: dict[str, Tensor], source: str = "checkpoint") -> list[tuple[in
         elif f"features.{i}.reduction.weight" in net:
             layout.append((i, "merge"))
         else:
-            raise ConversionError(f"{source}: features.{i} is neither a Swin block nor a patch merging.")
+            raise ConversionError(
+                f"{source}: features.{i} is neither a Swin block nor a patch merging.")
     return layout
 
 

@@ -1,7 +1,7 @@
 """Errors caused by the user's files or settings: exit status 2 and one ``kpt: error:`` line.
 
-Every case calls ``kpt.cli.main`` in-process and checks that stderr holds exactly one error line naming
-the key or file at fault, and no traceback; ``--debug`` re-raises instead.
+Every case calls ``kpt.cli.main`` in-process and checks that stderr holds exactly one error line
+naming the key or file at fault, and no traceback; ``--debug`` re-raises instead.
 """
 
 from __future__ import annotations
@@ -146,13 +146,13 @@ def test_pk_batch_with_fewer_identities_than_p(tmp_path, capsys):
             "train.device=cpu"]
     assert main(args) == 2
     line = one_error_line(capsys)
-    assert "only 2 identities" in line and "train.batch_size" in line and "data.k" in line
+    assert "only 2 labels" in line and "train.batch_size" in line and "data.k" in line
 
 
 def test_pk_sampler_raises_a_user_error():
-    with pytest.raises(UserError, match="P=3 identities.*only 2 identities.*see keys"):
+    with pytest.raises(UserError, match="P=3 identities.*only 2 labels.*see keys"):
         PKBatchSampler([0, 0, 1, 1], p=3, k=2, hint=" see keys")
-    with pytest.raises(UserError, match="multiple of the number of processes 2"):
+    with pytest.raises(UserError, match="multiple of the world size 2"):
         PKBatchSampler([0, 1, 2], p=3, k=1, world_size=2)
 
 
@@ -181,7 +181,8 @@ def test_any_user_error_from_a_command_is_one_line(monkeypatch, capsys):
     def get(argv):
         raise DataError("records.bin: record 7: label -1 is negative")
 
-    monkeypatch.setattr(tiny, "PLUGIN", dataclasses.replace(tiny.PLUGIN, commands={"data get": get}))
+    plugin = dataclasses.replace(tiny.PLUGIN, commands={"data get": get})
+    monkeypatch.setattr(tiny, "PLUGIN", plugin)
     tiny.register_in_process(monkeypatch)
     assert main(["data", "get", "tiny"]) == 2
     assert "records.bin: record 7" in one_error_line(capsys)

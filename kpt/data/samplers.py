@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from kpt.errors import UserError
+from kpt.errors import DataError
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
@@ -81,8 +81,8 @@ class PKBatchSampler(Sampler[list[int]]):
             train.batch_size ...").
 
     Raises:
-        UserError: ``p`` exceeds the number of labels, is not a multiple of ``world_size``, or
-            ``p`` / ``k`` is below 1.
+        DataError: (a ValueError) ``p`` exceeds the number of labels, is not a multiple of
+            ``world_size``, or ``p`` / ``k`` is below 1.
     """
 
     def __init__(self, labels: Sequence[Any], p: int, k: int, seed: int = 0, rank: int = 0,
@@ -91,14 +91,14 @@ class PKBatchSampler(Sampler[list[int]]):
         labels = np.asarray(labels)
         self.by_label = {lab: np.flatnonzero(labels == lab) for lab in np.unique(labels)}
         if p < 1 or k < 1:
-            raise UserError(f"P×K batch sampler: P={p} identities × K={k} samples per batch; both "
-                            f"must be at least 1.{hint}")
+            raise DataError(f"P×K batch sampler: P={p} identities × K={k} samples per batch; "
+                            f"both must be at least 1.{hint}")
         if p > len(self.by_label):
-            raise UserError(f"P×K batch sampler: P={p} identities per batch, but the training set "
-                            f"has only {len(self.by_label)} identities (labels).{hint}")
+            raise DataError(f"P×K batch sampler: P={p} identities per batch, but the training set "
+                            f"has only {len(self.by_label)} labels (identities).{hint}")
         if p % world_size:
-            raise UserError(f"P×K batch sampler: P={p} identities per batch must be a multiple of "
-                            f"the number of processes {world_size}.{hint}")
+            raise DataError(f"P×K batch sampler: P={p} identities per batch must be a multiple of "
+                            f"the world size {world_size} (number of processes).{hint}")
         self.p, self.k, self.seed, self.rank, self.world_size = p, k, seed, rank, world_size
         self.batches = batches_per_epoch or max(1, len(labels) // (p * k))
         self.epoch = 0
