@@ -127,7 +127,7 @@ class Trainer:
         self.model = plugin.build_model(cfg, self.data.info).to(device)
         if t.batch_size % info.world_size:
             raise UserError(f"train.batch_size={t.batch_size} (global) must be divisible by the "
-                             f"number of processes {info.world_size}")
+                            f"number of processes {info.world_size}")
         per_rank = t.batch_size // info.world_size
         if self.data.batch_sampler is not None:
             self.sampler = self.data.batch_sampler(self.data.train, per_rank, t.seed, info.rank,
