@@ -6,9 +6,12 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from kpt.errors import UserError
 
 EXAMPLES = """\
 examples:
@@ -49,8 +52,25 @@ logger = logging.getLogger(__name__)
 _SUBPARSERS: dict[str, argparse.ArgumentParser] = {}
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A user error: printed as ``kpt: error: ...`` with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``kpt: error:`` line (exit 2), with a did-you-mean.
+
+    argparse would print the usage and call ``sys.exit(2)`` itself; raising :class:`CliError` lets
+    :func:`main` print the same one-line form as every other user error (``--debug``: a traceback).
+    """
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        from kpt.registry import did_you_mean
+
+        hint = ""
+        bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if bad:
+            hint = did_you_mean(bad.group(1), re.findall(r"'([^']*)'", bad.group(2)))
+        raise CliError(f"{self.prog}: {message}.{hint} See `{self.prog} --help`.")
 
 
 def _split_overrides(args: argparse.Namespace) -> None:
@@ -64,7 +84,7 @@ def _split_overrides(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kpt", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Keypoint-conditioned vision transformers (KP-RPE) for any domain plugin.")
     parser.add_argument("--version", action="store_true", help="print versions and exit")
@@ -156,7 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     plugin = load_plugin(args.domain)
     if "eval" in plugin.commands:
         return int(plugin.commands["eval"](list(args.rest)))
-    parser = argparse.ArgumentParser(prog=f"kpt eval {args.domain}")
+    parser = _Parser(prog=f"kpt eval {args.domain}")
     parser.add_argument("checkpoint", help="run folder, last.pt, best.pt or weights.safetensors")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--test", nargs="+")
@@ -317,12 +337,27 @@ def _domain_help(argv: list[str]) -> int | None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions shown as one line (bad input), not as a traceback (a bug). Imported lazily so that
     ``kpt --help`` does not import torch."""
-    errors: list[type[BaseException]] = [CliError, FileNotFoundError, FileExistsError]
+    errors: list[type[BaseException]] = [UserError, CliError, FileNotFoundError, FileExistsError]
     for module, name in (("kpt.config", "ConfigError"), ("kpt.plugin", "PluginError"),
                          ("kpt.registry", "RegistryError"), ("kpt.engine.checkpoint", "CheckpointError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
+
+
+def _unknown_arguments(unknown: list[str], command: str | None) -> None:
+    """Raise :class:`CliError` for arguments no parser took, suggesting the closest flag."""
+    from kpt.registry import did_you_mean
+
+    sub = _SUBPARSERS.get(command or "")
+    flags = [*(sub._option_string_actions if sub else {}), "--debug", "--version", "--help"]
+    where = f"kpt {command}" if sub else "kpt"
+    flag = next((u for u in unknown if u.startswith("-")), None)
+    if flag is not None:
+        name = flag.partition("=")[0]
+        raise CliError(f"{where}: unrecognized argument {name}.{did_you_mean(name, flags)} "
+                       f"See `{where} --help`.")
+    raise CliError(f"{where}: unrecognized arguments: {' '.join(unknown)}. See `{where} --help`.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if extra:  # argparse cannot interleave positionals with options: collect key=value here
             unknown = [e for e in extra if "=" not in e or e.startswith("-")]
             if unknown or args.command != "train":
-                parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+                _unknown_arguments(unknown or extra, args.command)
             args.overrides = list(args.overrides) + extra
         if args.version:
             print(_versions())

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from kpt.errors import DataError
+from kpt.errors import DataError, UserError
 from kpt.registry import did_you_mean
 
 if TYPE_CHECKING:
@@ -68,8 +68,17 @@ ENGINE_DEFAULTS: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
-    """Unknown key or a value that cannot be cast to the declared type."""
+#: Allowed values of enumerated engine keys (plugins add theirs in ``Plugin.choices``).
+#: ``train.optimizer`` is checked against timm's optimizer names (see :func:`validate_config`).
+ENGINE_CHOICES: dict[str, tuple[Any, ...]] = {
+    "train.amp": ("none", "bf16", "fp16"),
+    # timm's step-counted schedulers, minus plateau (it needs a metric every epoch)
+    "train.sched": ("cosine", "step", "multistep", "poly", "tanh", "constant", "rsqrt", "none"),
+}
+
+
+class ConfigError(UserError, ValueError):
+    """Unknown key, a value that cannot be cast to the declared type, or a value out of range."""
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -504,6 +513,7 @@ def build_config(plugin: Plugin, config_files: Iterable[str | Path] = (),
                            "again (asked for: %s)", ", ".join(saved) or "none",
                            ", ".join(asked) or "none")
         cfg.set("preset", saved, "saved run config")
+        validate_config(cfg, plugin)
         return cfg
     # A preset may set another preset's selector (rare): repeat until the choice is stable.
     chosen: list[str] = []
@@ -517,6 +527,7 @@ def build_config(plugin: Plugin, config_files: Iterable[str | Path] = (),
     if chosen:
         logger.info("presets of plugin %s: %s", plugin.name, ", ".join(chosen))
     cfg.set("preset", chosen, "presets")
+    validate_config(cfg, plugin)
     return cfg
 
 
@@ -559,3 +570,77 @@ def _apply_data_options(cfg: Config, plugin: Plugin, data: str | None, test: lis
         cfg.set("eval.test", test, "--test")
     if data_root is not None:
         cfg.set("data.root", data_root, "--data-root")
+
+
+def _check_choice(key: str, value: Any, choices: Iterable[Any], listing: str = "") -> None:
+    """Raise :class:`ConfigError` when ``value`` (or an item of a list value) is not a choice.
+
+    ``listing`` replaces the list of choices in the message (for long lists).
+    """
+    allowed = list(choices)
+    texts = [str(c) for c in allowed]
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        # an undeclared top-level key given as "" reads back as YAML null: the same empty choice
+        if item in allowed or str(item) in texts or (item is None and "" in allowed):
+            continue
+        shown = listing or ", ".join(t if t else "''" for t in texts)
+        raise ConfigError(f"{key}={item!r} is not a valid choice.{did_you_mean(str(item), texts)} "
+                          f"Choices: {shown}")
+
+
+def _timm_optimizers() -> list[str]:
+    from timm.optim import list_optimizers
+
+    return list(list_optimizers())
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Refuse training numbers that cannot give a run (message names the key)."""
+    import math
+
+    t = cfg.train
+
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"train.{key}={t[key]!r}: expected {expected}")
+
+    need(t.batch_size >= 1, "batch_size", "a global batch of at least 1")
+    need(math.isfinite(t.lr) and t.lr > 0, "lr", "a finite learning rate > 0")
+    need(t.epochs >= 0, "epochs", "0 or more (0: train.max_steps decides)")
+    need(t.max_steps >= 0, "max_steps", "0 or more (0: train.epochs decide)")
+    for key in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "decay_epochs", "clip_grad",
+                "momentum"):
+        need(math.isfinite(t[key]) and t[key] >= 0, key, "a finite number >= 0")
+    for key in ("eval_every", "save_every", "log_every", "num_workers"):
+        need(t[key] >= 0, key, "0 or more")
+    if t.epochs == 0 and t.max_steps == 0:
+        raise ConfigError("train.epochs=0 and train.max_steps=0: the run would take no training "
+                          "step; set train.epochs or train.max_steps to at least 1")
+    batch = cfg["eval"].get("batch_size") if isinstance(cfg.get("eval"), Config) else None
+    if isinstance(batch, int) and not isinstance(batch, bool) and batch < 1:
+        raise ConfigError(f"eval.batch_size={batch!r}: expected at least 1")
+
+
+def validate_config(cfg: Config, plugin: Plugin | None = None) -> None:
+    """Check enumerated keys against their choices and the training numbers; called by build_config.
+
+    Args:
+        cfg: the merged config.
+        plugin: its plugin; ``plugin.choices`` maps dotted keys to their allowed values.
+
+    Raises:
+        ConfigError: naming the key, the bad value and (for choices) the closest allowed value.
+    """
+    flat = cfg.flat()
+    choices: dict[str, Iterable[Any]] = dict(ENGINE_CHOICES)
+    choices.update(dict(getattr(plugin, "choices", None) or {}))
+    if isinstance(flat.get("train.sched"), str):
+        flat["train.sched"] = flat["train.sched"].lower()  # the engine reads it case-blind
+    for key, allowed in choices.items():
+        if key in flat:
+            _check_choice(key, flat[key], allowed)
+    optimizer = str(flat.get("train.optimizer", "adamw")).lower()
+    # timm accepts a "lookahead_" prefix on any of its optimizers
+    _check_choice("train.optimizer", optimizer.removeprefix("lookahead_"), _timm_optimizers(),
+                  "timm.optim.list_optimizers(), optionally with a 'lookahead_' prefix")
+    _check_numbers(cfg)

@@ -31,13 +31,15 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from kpt.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 PREFIXES = ("model.net.", "net.", "module.net.", "")
 _KPRPE_VARIANT = "rel_splithead_unshared"  # the only variant of the released configs (kprpe.md §2)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """The source file is not an official ViT-KPRPE state dict kpt can convert."""
 
 
@@ -55,12 +57,18 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise ConversionError(f"{path}: no such file.")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error type for a bad header
+            raise ConversionError(f"{path}: not a readable .safetensors file ({exc}); expected the "
+                                  f"official CVLface model.safetensors") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for foreign / unsafe pickles
         raise ConversionError(
-            f"{path}: cannot be read with torch.load(weights_only=True): {exc}"
+            f"{path}: not a PyTorch checkpoint torch.load(weights_only=True) can read "
+            f"({type(exc).__name__}: {exc}); expected the official CVLface model.pt or "
+            f"model.safetensors"
         ) from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

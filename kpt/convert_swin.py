@@ -40,7 +40,7 @@ def find_swin_prefix(state: dict[str, Tensor]) -> str | None:
     return None
 
 
-def _layout(net: dict[str, Tensor]) -> list[tuple[int, str]]:
+def _layout(net: dict[str, Tensor], source: str = "checkpoint") -> list[tuple[int, str]]:
     """[(feature index, "block" | "merge")] for features 1…, in order."""
     indices = sorted({int(m.group(1)) for k in net if (m := re.match(r"features\.(\d+)\.", k))})
     layout = []
@@ -52,7 +52,8 @@ def _layout(net: dict[str, Tensor]) -> list[tuple[int, str]]:
         elif f"features.{i}.reduction.weight" in net:
             layout.append((i, "merge"))
         else:
-            raise ConversionError(f"features.{i} is neither a Swin block nor a patch merging.")
+            raise ConversionError(
+                f"{source}: features.{i} is neither a Swin block nor a patch merging.")
     return layout
 
 
@@ -70,7 +71,7 @@ def infer_swin_config(
         )
     dim, in_chans, patch, _ = stem
     stages: list[list[int]] = [[]]
-    for i, kind in _layout(net):
+    for i, kind in _layout(net, source):
         if kind == "merge":
             stages.append([])
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -79,6 +79,9 @@ class Plugin:
             them in registry.yaml).
         check_config: dotted overrides applied by ``kpt plugins check`` to make the dry run tiny,
             e.g. ``{"data.name": "synthetic", "model.depth": 1}``.
+        choices: allowed values of enumerated config keys, ``{"model.pos": ("none", "kprpe")}``;
+            the config is checked against them when it is built (an unknown value is an error with
+            a "did you mean"). For a list-valued key every item must be a choice.
     """
 
     name: str
@@ -95,6 +98,7 @@ class Plugin:
     api_version: int = PLUGIN_API_VERSION
     components: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     check_config: Mapping[str, Any] = field(default_factory=dict)
+    choices: Mapping[str, Sequence[Any]] = field(default_factory=dict)
 
 
 class PluginError(RuntimeError):
@@ -140,6 +144,10 @@ def validate_plugin(obj: Any, where: str) -> list[str]:
             problems.append(f"components[{kind!r}] must map name -> 'module:attr'")
     if not isinstance(obj.primary_metric, str):
         problems.append("primary_metric must be a string")
+    if not isinstance(obj.choices, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, (list, tuple)) and v
+            for k, v in dict(obj.choices).items()):
+        problems.append("choices must map a dotted config key -> a non-empty list of values")
     return [f"{where}: {p}" for p in problems]
 
 
@@ -180,8 +188,13 @@ class PluginEntry:
                 if problems:
                     raise PluginError("; ".join(problems))
                 self.plugin, self.status = obj, "ok"
-            except Exception as exc:  # noqa: BLE001 - broken third-party code must not crash kpt
-                self.status, self.error = "broken", str(exc)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - broken third-party code (even one calling
+                # sys.exit() while it is imported) must not crash kpt: it is listed as broken
+                self.status = "broken"
+                self.error = str(exc) if not isinstance(exc, SystemExit) else (
+                    f"{self.where}: called sys.exit({exc.code!r}) while loading")
                 logger.debug("%s", exc)
         if self.status != "ok" and raise_errors:
             raise PluginError(self.error)

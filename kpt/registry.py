@@ -64,7 +64,9 @@ def import_object(target: str, what: str = "") -> Any:
         raise ImportError(f"{what or 'component'}: target {target!r} must look like 'module:attr'")
     try:
         obj: Any = importlib.import_module(module_name)
-    except Exception as exc:  # any error while importing third-party code is reported, not raised raw
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # third-party code may even call sys.exit() on import
         raise ImportError(f"{what or target}: cannot import module {module_name!r}: "
                           f"{type(exc).__name__}: {exc}") from exc
     for part in attr_path.split("."):
@@ -74,6 +76,20 @@ def import_object(target: str, what: str = "") -> Any:
             raise ImportError(f"{what or target}: module {module_name!r} has no attribute "
                               f"{attr_path!r}") from exc
     return obj
+
+
+_BUILTIN_MODULES = ("kpt", "kpt_plugins")
+
+
+def _module_is_builtin(module: str) -> bool:
+    """Whether ``module`` is part of kpt itself (the core or an in-tree plugin)."""
+    return module.partition(".")[0] in _BUILTIN_MODULES
+
+
+def _record_conflict(msg: str) -> None:
+    if msg not in CONFLICTS:
+        CONFLICTS.append(msg)
+        logger.warning(msg)
 
 
 class _Lazy:
@@ -133,19 +149,52 @@ class Registry:
         if name in self._entries:
             if isinstance(self._entries[name], _Lazy) and self._entries[name].target == target:
                 return True
-            msg = (f"{self.kind} {name!r} from {source} conflicts with the one from "
-                   f"{self._sources[name]}; keeping the latter")
-            if msg not in CONFLICTS:
-                CONFLICTS.append(msg)
-                logger.warning(msg)
-            return False
+            new_builtin = _module_is_builtin(target.partition(":")[0])
+            if new_builtin and not self._is_builtin(name):
+                # a third party got the name first (its module was imported early): kpt's own wins
+                _record_conflict(f"{self.kind} {name!r} from {self._describe(name)} conflicts with "
+                                 f"the built-in one from {source}; keeping the built-in one from "
+                                 f"{source}")
+            else:
+                _record_conflict(f"{self.kind} {name!r} from {source} conflicts with the one from "
+                                 f"{self._describe(name)}; keeping the one from "
+                                 f"{self._describe(name)}")
+                return False
         self._entries[name] = _Lazy(target, source)
         self._sources[name] = source
         return True
 
+    def _is_builtin(self, name: str) -> bool:
+        """Whether the entry ``name`` comes from kpt itself (core or an in-tree plugin)."""
+        entry = self._entries[name]
+        module = entry.target.partition(":")[0] if isinstance(entry, _Lazy) else getattr(
+            entry, "__module__", "") or ""
+        return _module_is_builtin(module)
+
+    def _describe(self, name: str) -> str:
+        """Where the entry ``name`` came from, for conflict lines."""
+        entry, source = self._entries[name], self._sources.get(name, "")
+        if source != "code" or isinstance(entry, _Lazy):
+            return source
+        return f"module {getattr(entry, '__module__', '?')}"
+
     def _add(self, key: str, obj: Any, source: str, override: bool) -> None:
         old = self._entries.get(key)
-        if old is not None and not override:
+        new_builtin = _module_is_builtin(getattr(obj, "__module__", "") or "")
+        if old is not None and new_builtin != self._is_builtin(key):
+            # A third party never replaces a built-in, override or not, whichever registers first
+            # (a plugin module may be imported before kpt's own registering module).
+            where = f"module {getattr(obj, '__module__', '?')}" if source == "code" else source
+            if new_builtin:
+                _record_conflict(f"{self.kind} {key!r} from {self._describe(key)} conflicts with "
+                                 f"the built-in one from {where}; keeping the built-in one from "
+                                 f"{where}")
+            else:
+                _record_conflict(f"{self.kind} {key!r} from {where} conflicts with the built-in "
+                                 f"one from {self._describe(key)}; keeping the built-in one from "
+                                 f"{self._describe(key)}")
+                return
+        elif old is not None and not override:
             same = (not isinstance(old, _Lazy)
                     and getattr(old, "__qualname__", None) == getattr(obj, "__qualname__", 0)
                     and getattr(old, "__module__", None) == getattr(obj, "__module__", 0))

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import toolkit_tiny_plugin as tiny
+import tiny_plugin as tiny
 import torch
 from safetensors.torch import save_file
 

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kpt_plugins.face.data_commands import validate
 from kpt_plugins.face.data.landmarks_cache import cache_path, write_landmarks
-from kpt_plugins.face.plugin import PLUGIN, build_train_set
 from kpt_plugins.face.data.recordio import (
     IRHeader,
     RecordIOWriter,
@@ -20,6 +18,8 @@ from kpt_plugins.face.data.recordio import (
     pack_record,
     write_insightface_rec,
 )
+from kpt_plugins.face.data_commands import validate
+from kpt_plugins.face.plugin import PLUGIN, build_train_set
 
 from kpt.config import build_config
 from kpt.errors import DataError

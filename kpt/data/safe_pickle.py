@@ -42,6 +42,9 @@ class CorruptPickleError(pickle.UnpicklingError, DataError):
     """The bytes are not a valid pickle (truncated, zero bytes, another format); names the file."""
 
 
+InvalidPickleError = CorruptPickleError  # one class, two names in use
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file: IO[bytes], allowed: set[tuple[str, str]], what: str,
                  encoding: str = "ASCII") -> None:

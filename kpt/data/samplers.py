@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from kpt.errors import DataError
+
 
 class ShardedBatchSampler(Sampler[list[int]]):
     """Shuffled batches, the global batch split over ranks (the engine's default).
@@ -75,17 +77,28 @@ class PKBatchSampler(Sampler[list[int]]):
         rank: this process's rank.
         world_size: number of processes.
         batches_per_epoch: default ``n // (p·k)``.
+        hint: appended to the errors: which config keys set ``p`` and ``k`` (e.g. " Lower
+            train.batch_size ...").
+
+    Raises:
+        DataError: (a ValueError) ``p`` exceeds the number of labels, is not a multiple of
+            ``world_size``, or ``p`` / ``k`` is below 1.
     """
 
     def __init__(self, labels: Sequence[Any], p: int, k: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, batches_per_epoch: int | None = None) -> None:
+                 world_size: int = 1, batches_per_epoch: int | None = None,
+                 hint: str = "") -> None:
         labels = np.asarray(labels)
         self.by_label = {lab: np.flatnonzero(labels == lab) for lab in np.unique(labels)}
+        if p < 1 or k < 1:
+            raise DataError(f"P×K batch sampler: P={p} identities × K={k} samples per batch; "
+                            f"both must be at least 1.{hint}")
         if p > len(self.by_label):
-            raise ValueError(f"PKBatchSampler: p={p} identities per batch but the dataset has only "
-                             f"{len(self.by_label)} labels")
+            raise DataError(f"P×K batch sampler: P={p} identities per batch, but the training set "
+                            f"has only {len(self.by_label)} labels (identities).{hint}")
         if p % world_size:
-            raise ValueError(f"PKBatchSampler: p={p} must be a multiple of the world size {world_size}")
+            raise DataError(f"P×K batch sampler: P={p} identities per batch must be a multiple of "
+                            f"the world size {world_size} (number of processes).{hint}")
         self.p, self.k, self.seed, self.rank, self.world_size = p, k, seed, rank, world_size
         self.batches = batches_per_epoch or max(1, len(labels) // (p * k))
         self.epoch = 0

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kpt.config import build_config
+from kpt.config import build_config, validate_config
 from kpt.data.keypoints import check_keypoints
 from kpt.data.samplers import ShardedBatchSampler
 from kpt.engine.optim import build_optimizer
@@ -91,6 +91,7 @@ def check_plugin(name: str | Plugin, overrides: Iterable[str] = (),
         for key, value in dict(plugin.check_config).items():
             cfg.set(key, value, source=f"check_config of plugin {plugin.name!r}")
         cfg.override(["train.device=cpu", "train.amp=none", "train.num_workers=0", *overrides])
+        validate_config(cfg, plugin)  # the dry run's own keys must be valid choices and numbers
         return cfg
 
     ok, cfg = attempt("config", make_config)

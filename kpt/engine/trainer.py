@@ -38,6 +38,7 @@ from kpt.engine.progress import MetricsLog, Progress, header_lines, metric_table
 from kpt.engine.rank_local import load_shard, rank_local_names, remove_old_shards, save_shard
 from kpt.engine.run_dir import RunDirError, RunLock, claim_run_dir, new_run_dir
 from kpt.engine.seeding import get_rng_state, seed_everything, set_rng_state, worker_init
+from kpt.errors import UserError
 from kpt.plugin import Plugin, TaskData
 
 logger = logging.getLogger("kpt.engine")
@@ -68,9 +69,11 @@ def autocast_context(amp: str, device: torch.device) -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if amp == "fp16":
         if device.type != "cuda":
-            raise ValueError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 on the CPU")
+            raise UserError(f"train.amp=fp16 needs a CUDA GPU, but this run uses {device.type} "
+                            f"(train.device); on a CPU use train.amp=bf16 (CPU autocast) or "
+                            f"train.amp=none")
         return torch.autocast("cuda", dtype=torch.float16)
-    raise ValueError(f"train.amp={amp!r}: expected none, bf16 or fp16")
+    raise UserError(f"train.amp={amp!r}: expected none, bf16 or fp16")
 
 
 def split_step_output(out: Any, plugin: str) -> tuple[Tensor, dict[str, float]]:
@@ -109,6 +112,7 @@ class Trainer:
                  info: DistInfo, device: torch.device) -> None:
         self.plugin, self.cfg, self.out_dir, self.info, self.device = plugin, cfg, out_dir, info, device
         t = cfg.train
+        autocast_context(t.amp, device)  # refuse fp16 on a CPU before data and model are built
         if device.type == "cpu":
             keep_freed_memory()  # page faults were a quarter of a CPU step (kpt.engine.malloc)
         seed_everything(t.seed, t.deterministic)  # same seed everywhere: identical initial weights
@@ -118,8 +122,8 @@ class Trainer:
                             f"got {type(self.data).__name__}")
         self.model = plugin.build_model(cfg, self.data.info).to(device)
         if t.batch_size % info.world_size:
-            raise ValueError(f"train.batch_size={t.batch_size} (global) must be divisible by the "
-                             f"number of processes {info.world_size}")
+            raise UserError(f"train.batch_size={t.batch_size} (global) must be divisible by the "
+                            f"number of processes {info.world_size}")
         per_rank = t.batch_size // info.world_size
         if self.data.batch_sampler is not None:
             self.sampler = self.data.batch_sampler(self.data.train, per_rank, t.seed, info.rank,
@@ -129,8 +133,9 @@ class Trainer:
                                                info.world_size)
         self.steps_per_epoch = len(self.sampler)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"plugin {plugin.name!r}: the training set ({len(self.data.train)} items) "
-                             f"is smaller than one batch (train.batch_size={t.batch_size})")
+            raise UserError(f"plugin {plugin.name!r}: the training set ({len(self.data.train)} "
+                            f"items) is smaller than one batch (train.batch_size={t.batch_size}); "
+                            f"lower train.batch_size or use more training data")
         self.total_steps = total_training_steps(t.epochs, self.steps_per_epoch, t.max_steps)
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps, self.steps_per_epoch)

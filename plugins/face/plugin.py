@@ -27,6 +27,7 @@ import kpt
 from kpt.config import Config
 from kpt.errors import DataError
 from kpt.plugin import Plugin, TaskData
+from kpt.position import POS_CHOICES
 
 from .data.augment import FaceAugment, FaceCollate, RepeatedAugmentSampler
 from .evaluation.verification import (
@@ -36,6 +37,7 @@ from .evaluation.verification import (
     load_bin_set,
     synthetic_pair_set,
 )
+from .synthetic.params import SPLITS
 
 logger = logging.getLogger(__name__)
 
@@ -334,4 +336,10 @@ PLUGIN = Plugin(
                   "train.batch_size": 8, "model.depth": 1, "model.embed_dim": 32,
                   "model.num_heads": 2, "model.embedding_size": 16,
                   "eval.synthetic_pairs": 20, "eval.unaligned_keypoints": "ground_truth"},
+    choices={"model.pos": POS_CHOICES,
+             "model.classifier": ("fc", "partial_fc"), "data.keypoints": ("auto", "template"),
+             "eval.bin_keypoints": ("retinaface", "template"),
+             "eval.protocols": (*SPLITS, "unaligned_crop"),
+             "eval.aligned_keypoints": ("ground_truth", "retinaface", "template"),
+             "eval.unaligned_keypoints": ("retinaface", "ground_truth", "template")},
 )

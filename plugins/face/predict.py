@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from kpt.errors import DataError
+
 from .align import align_faces
 from .evaluation.verification import embed
 
@@ -66,8 +68,9 @@ def _read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
-    except UnidentifiedImageError as exc:
-        raise ValueError(f"{path}: not an image file PIL can read") from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:  # not an image, or truncated
+        raise DataError(f"{path}: not an image file PIL can read ({type(exc).__name__}: {exc}); "
+                        f"give a JPEG or PNG photo") from exc
 
 
 def embed_image(backbone: nn.Module, image: np.ndarray, detector: nn.Module, what: str = "image",

@@ -92,11 +92,15 @@ def synthetic_spec(cfg) -> SyntheticSpec:
 def _pk_sampler_factory(k: int):
     def factory(dataset, batch_size: int, seed: int, rank: int, world_size: int):
         from kpt.data.samplers import PKBatchSampler
+        from kpt.errors import UserError
 
-        if batch_size % k:
-            raise ValueError(f"train.batch_size {batch_size} must be a multiple of data.k={k}")
+        if k < 1 or batch_size % k:
+            raise UserError(f"train.batch_size={batch_size} must be a multiple of data.k={k} "
+                            f"(P×K batches: P identities × data.k sequences each)")
+        hint = (f" Here P = train.batch_size / data.k = {batch_size} / {k}: lower "
+                f"train.batch_size or raise data.k so that P is at most the number of identities.")
         return PKBatchSampler(dataset.labels, batch_size // k, k, seed=seed, rank=rank,
-                              world_size=world_size)
+                              world_size=world_size, hint=hint)
     return factory
 
 
@@ -246,4 +250,7 @@ PLUGIN = Plugin(
     check_config={"data.synthetic_train_ids": 4, "data.synthetic_test_ids": 3,
                   "data.synthetic_seqs": 2, "data.synthetic_frames": 12, "data.frames": 8,
                   "data.k": 2, "train.batch_size": 4, "model.drop_path_rate": 0.0},
+    choices={"model.pos": ("none", "kprpe"), "model.preset": ("auto", *PRESETS),
+             "model.parts": (0, 15, 16), "data.name": ("synthetic", "gait3d"),
+             "eval.metric": ("euclidean", "cosine")},
 )

@@ -24,13 +24,14 @@ from kpt_plugins.mnist.affnist import (
 )
 from kpt_plugins.mnist.data import data_get_command, load_mnist, synthetic_mnist
 from kpt_plugins.mnist.keypoints import box_keypoints_batched
-from kpt_plugins.mnist.model import build_digit_vit
+from kpt_plugins.mnist.model import POS_VARIANTS, build_digit_vit
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from kpt.engine.trainer import autocast_context
 from kpt.errors import DataError
 from kpt.plugin import Plugin, TaskData
+from kpt.position import VARIANTS
 
 logger = logging.getLogger(__name__)
 
@@ -204,4 +205,7 @@ PLUGIN = Plugin(
     check_config={"data.name": "synthetic", "data.synthetic_train": 64, "data.synthetic_test": 32,
                   "eval.test": ["affnist-synth"], "eval.subsets": False, "model.depth": 1,
                   "model.embed_dim": 16, "train.batch_size": 16, "train.max_steps": 2},
+    choices={"model.pos": tuple(POS_VARIANTS), "model.stem": ("conv", "patch"),
+             "model.kprpe_variant": VARIANTS, "data.name": ("mnist", "synthetic"),
+             "data.placement": ("centre", "random")},
 )
