@@ -22,29 +22,95 @@ def denormalize_keypoints(points: Tensor, width: int, height: int) -> Tensor:
     return points * scale
 
 
-def check_keypoints(points: Tensor, num_keypoints: int | None = None, what: str = "keypoints",
-                    tolerance: float = 0.05) -> None:
-    """Raise ValueError unless ``points`` is a finite float (..., K, 2) tensor inside [0, 1].
+def _tracing() -> bool:
+    """True while exporting, tracing or compiling: a data-dependent check cannot run there."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _expected_shape(sequence: bool | None, batch_size: int | None, frames: int | None,
+                    num_keypoints: int | None) -> str:
+    b = "B" if batch_size is None else f"B={batch_size}"
+    t = "T" if frames is None else f"T={frames}"
+    k = "K" if num_keypoints is None else f"K={num_keypoints}"
+    single, clips = f"({b}, {k}, 2)", f"({b}, {t}, {k}, 2)"
+    if sequence is None:
+        return f"{single} or {clips}"
+    return clips if sequence else single
+
+
+def check_keypoints(keypoints: Tensor | None, num_keypoints: int | None = None, *,
+                    batch_size: int | None = None, frames: int | None = None,
+                    sequence: bool | None = None, what: str = "keypoints",
+                    tolerance: float | None = 0.05) -> Tensor:
+    """The one keypoint check: type, shape, K, batch, finite (and range), with one host sync.
+
+    Backbones call it once at the top of ``forward`` (with ``tolerance=None``); the position
+    modules they feed trust them. Data-side checks (``kpt plugins check``) keep the range check.
+    The value checks read the tensor back from the device once; they are skipped while tracing,
+    exporting or compiling, where a data-dependent branch cannot run.
 
     Args:
-        points: (B, K, 2) or (B, T, K, 2).
+        keypoints: (B, K, 2) or, for clips, (B, T, K, 2) float, (x, y) normalised to [0, 1] by
+            the width and height of the image the backbone sees.
         num_keypoints: expected K (None: any).
-        what: name used in the message (a file, a keypoint source).
-        tolerance: allowed overshoot outside [0, 1] (points near the border after augmentation).
+        batch_size: expected B, that of the images the points belong to (None: any).
+        frames: expected T of clips (None: any).
+        sequence: False accepts only (B, K, 2), True only (B, T, K, 2), None either.
+        what: who is checking or what is checked, for the message (a model, a batch key, a file).
+        tolerance: allowed overshoot outside [0, 1] (points near the border after augmentation);
+            None skips the range check (a backbone accepts points off the image).
+
+    Returns:
+        ``keypoints``, unchanged.
+
+    Raises:
+        ValueError: missing keypoints, wrong shape, K, batch or dtype, NaN/inf, or out of range.
+        TypeError: ``keypoints`` is not a tensor.
     """
-    if not isinstance(points, Tensor) or not points.is_floating_point():
-        raise ValueError(f"{what}: expected a float tensor, got {type(points).__name__}"
-                         f"{'' if not isinstance(points, Tensor) else ' of ' + str(points.dtype)}")
-    if points.ndim < 2 or points.shape[-1] != 2:
-        raise ValueError(f"{what}: expected shape (..., K, 2), got {tuple(points.shape)}")
-    if num_keypoints is not None and points.shape[-2] != num_keypoints:
-        raise ValueError(f"{what}: expected K={num_keypoints} keypoints, got {points.shape[-2]}")
-    if not torch.isfinite(points).all():
-        raise ValueError(f"{what}: contains NaN or inf (a source must return canonical points instead)")
-    lo, hi = float(points.min()), float(points.max())
-    if lo < -tolerance or hi > 1 + tolerance:
-        raise ValueError(f"{what}: values in [{lo:.3f}, {hi:.3f}], expected normalised (x, y) in [0, 1]; "
-                         f"pixel coordinates must be divided by the image width and height")
+    expected = (f"a float tensor {_expected_shape(sequence, batch_size, frames, num_keypoints)} "
+                "of (x, y) in [0, 1]")
+    if keypoints is None:
+        raise ValueError(f"{what} uses keypoints (KP-RPE) but was called without them: call "
+                         f"model(images, keypoints) with keypoints {expected}")
+    if not isinstance(keypoints, Tensor):
+        raise TypeError(f"{what}: keypoints must be {expected}, got {type(keypoints).__name__}")
+    ndims = {None: (3, 4), False: (3,), True: (4,)}[sequence]
+    if keypoints.ndim not in ndims or keypoints.shape[-1] != 2:
+        raise ValueError(f"{what}: keypoints must be {expected}, got shape {tuple(keypoints.shape)}")
+    if num_keypoints is not None and keypoints.shape[-2] != num_keypoints:
+        raise ValueError(f"{what}: expected K={num_keypoints} keypoints (num_keypoints="
+                         f"{num_keypoints}), got {keypoints.shape[-2]} (shape "
+                         f"{tuple(keypoints.shape)})")
+    if batch_size is not None and keypoints.shape[0] != batch_size:
+        raise ValueError(f"{what}: keypoints batch {keypoints.shape[0]} does not match the images "
+                         f"batch {batch_size}")
+    if frames is not None and keypoints.shape[1] != frames:
+        raise ValueError(f"{what}: keypoints have {keypoints.shape[1]} frames, the images {frames}")
+    if not keypoints.is_floating_point():
+        raise ValueError(f"{what}: keypoints must be {expected}, got dtype {keypoints.dtype}")
+    if _tracing() or keypoints.numel() == 0:
+        return keypoints
+    points = keypoints.detach()
+    if tolerance is None:
+        finite = bool(torch.isfinite(points).all())  # the one host sync
+    else:
+        # finite flag, min and max come back together: still one sync
+        stats = torch.stack([torch.isfinite(points).all().to(points.dtype), points.min(),
+                             points.max()]).tolist()
+        finite, (lo, hi) = bool(stats[0]), stats[1:]
+    if not finite:
+        # the error path may sync again to name the samples
+        bad = (~torch.isfinite(points)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"{what}: keypoints contain NaN or inf (samples {bad[:8]}); a keypoint "
+                         "source must return finite points (the domain's canonical points where "
+                         "it finds none)")
+    if tolerance is not None and (lo < -tolerance or hi > 1 + tolerance):
+        raise ValueError(f"{what}: values in [{lo:.3f}, {hi:.3f}], expected normalised (x, y) in "
+                         "[0, 1]; pixel coordinates must be divided by the image width and height")
+    return keypoints
 
 
 def affine_keypoints(points: Tensor, matrix: Tensor, src_size: tuple[int, int],
