@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from kpt.engine.distributed import (
     broadcast_object,
     init_distributed,
 )
+from kpt.engine.inference import autocast_context, move_to_device  # shared with evaluation
 from kpt.engine.malloc import keep_freed_memory
 from kpt.engine.optim import build_optimizer, build_scheduler, epochs_needed, total_training_steps
 from kpt.engine.progress import MetricsLog, Progress, header_lines, metric_table
@@ -48,33 +48,9 @@ def default_run_dir(domain: str, root: str | Path = "runs") -> Path:
     return Path(root) / domain / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def move_to_device(batch: Any, device: torch.device) -> Any:
-    """Tensors of a (nested) batch moved to ``device``."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move_to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(v, device) for v in batch)
-    return batch
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper."""
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def autocast_context(amp: str, device: torch.device) -> Any:
-    """Autocast for ``train.amp`` (none | bf16 | fp16)."""
-    if amp == "none":
-        return nullcontext()
-    if amp == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ValueError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 on the CPU")
-        return torch.autocast("cuda", dtype=torch.float16)
-    raise ValueError(f"train.amp={amp!r}: expected none, bf16 or fp16")
 
 
 def split_step_output(out: Any, plugin: str) -> tuple[Tensor, dict[str, float]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from kpt_plugins.gait.transforms import GaitTransform
 from torch import Tensor, nn
 
 from kpt.config import load_yaml
+from kpt.engine.inference import predict
 from kpt.plugin import Plugin, TaskData
 
 logger = logging.getLogger(__name__)
@@ -187,9 +189,9 @@ def training_step(model: nn.Module, batch: dict, cfg) -> tuple[Tensor, dict[str,
     return criterion(out["embeddings"], out["logits"], batch["label"])
 
 
-@torch.no_grad()
 def embed_sequences(model: nn.Module, dataset: GaitSequenceDataset, device: torch.device,
-                    batch_size: int = 8) -> tuple[Tensor, list[str], list[bool]]:
+                    batch_size: int = 8, amp: str = "none"
+                    ) -> tuple[Tensor, list[str], list[bool]]:
     """Embeds every sequence with all its frames, in dataset order.
 
     Consecutive sequences of equal length share a batch (all of them on the synthetic walkers;
@@ -199,33 +201,34 @@ def embed_sequences(model: nn.Module, dataset: GaitSequenceDataset, device: torc
         features (N, P, E) float32 on CPU (parts first, as :func:`kpt.metrics.retrieval` expects),
         labels and probe flags in dataset order.
     """
-    was_training = model.training
-    model.eval()
-    feats: list[Tensor] = []
     labels: list[str] = []
     probes: list[bool] = []
-    pending: list[dict] = []
 
-    def flush() -> None:
-        if not pending:
-            return
-        images = torch.stack([it["image"] for it in pending]).to(device)
-        keypoints = torch.stack([it["keypoints"] for it in pending]).to(device)
-        emb = model(images, keypoints)["embeddings"].float().cpu()  # (b, E, P)
-        feats.extend(emb.transpose(1, 2))
-        pending.clear()
+    def batches() -> Iterator[dict[str, Tensor]]:
+        pending: list[dict] = []
+        for i in range(len(dataset)):
+            item = dataset[i]
+            if pending and (len(pending) == batch_size
+                            or item["image"].shape != pending[0]["image"].shape):
+                yield _stack_sequences(pending)
+                pending = []
+            pending.append(item)
+            labels.append(item["label"])
+            probes.append(bool(item["probe"]))
+        if pending:
+            yield _stack_sequences(pending)
 
-    for i in range(len(dataset)):
-        item = dataset[i]
-        if pending and (len(pending) == batch_size
-                        or item["image"].shape != pending[0]["image"].shape):
-            flush()
-        pending.append(item)
-        labels.append(item["label"])
-        probes.append(bool(item["probe"]))
-    flush()
-    model.train(was_training)
-    return torch.stack(feats), labels, probes
+    def parts_first(m: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return m(batch["image"], batch["keypoints"])["embeddings"].float().transpose(1, 2)
+
+    feats = predict(model, batches(), parts_first, device=device, amp=amp)  # (N, P, E)
+    return feats, labels, probes
+
+
+def _stack_sequences(items: list[dict]) -> dict[str, Tensor]:
+    """Sequences of one length → a batch: image (b, T, H, W), keypoints (b, T, 17, 2)."""
+    return {"image": torch.stack([it["image"] for it in items]),
+            "keypoints": torch.stack([it["keypoints"] for it in items])}
 
 
 def evaluate(model: nn.Module, data: TaskData, cfg, device: torch.device) -> dict[str, float]:
@@ -235,7 +238,8 @@ def evaluate(model: nn.Module, data: TaskData, cfg, device: torch.device) -> dic
     model = getattr(model, "module", model)
     results: dict[str, float] = {}
     for n, (name, dataset) in enumerate(data.evals.items()):
-        feats, labels, probe = embed_sequences(model, dataset, device, cfg.eval.batch_size)
+        feats, labels, probe = embed_sequences(model, dataset, device, cfg.eval.batch_size,
+                                               cfg.train.amp)
         is_probe = torch.tensor(probe)
         if not is_probe.any():
             raise GaitDataError(f"eval set {name!r}: no sequence of the probe set was found")
