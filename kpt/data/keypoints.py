@@ -6,6 +6,8 @@ height of the image the backbone sees.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -118,35 +120,42 @@ def affine_keypoints(points: Tensor, matrix: Tensor, src_size: tuple[int, int],
     """Map normalised keypoints through a pixel-space affine transform.
 
     Args:
-        points: (B, K, 2) normalised to the source image.
+        points: (B, K, 2) (or (K, 2), or any (..., K, 2)) normalised to the source image.
         matrix: (B, 2, 3) or (2, 3) pixel affine (the one given to ``cv2.warpAffine`` /
-            ``kornia.geometry.warp_affine``), mapping source pixels to destination pixels.
+            ``kornia.geometry.warp_affine``), mapping source pixels to destination pixels;
+            broadcast against the leading dimensions of ``points``.
         src_size: (height, width) of the source image.
         dst_size: (height, width) of the destination image (default: same as the source).
 
     Returns:
-        (B, K, 2) normalised to the destination image.
+        (..., K, 2) normalised to the destination image, in the dtype of ``points``.
     """
     dst_size = dst_size or src_size
     pixels = denormalize_keypoints(points, src_size[1], src_size[0])
     matrix = matrix.to(points.dtype)
-    if matrix.ndim == 2:
-        matrix = matrix.expand(points.shape[0], 2, 3)
-    mapped = torch.einsum("bij,bkj->bki", matrix[:, :, :2], pixels) + matrix[:, None, :, 2]
+    mapped = pixels @ matrix[..., :2].transpose(-1, -2) + matrix[..., 2].unsqueeze(-2)
     return normalize_keypoints(mapped, dst_size[1], dst_size[0])
 
 
-def hflip_keypoints(points: Tensor, flip_index: list[int] | None = None) -> Tensor:
-    """Keypoints of the horizontally flipped image: x -> 1 - x, left/right points swapped.
+def hflip_keypoints(points: Tensor, flip_index: Sequence[int] | None = None) -> Tensor:
+    """Keypoints of the horizontally mirrored image: x -> 1 - x, left/right points swapped.
+
+    With pixel centres at integers the exact mirror of pixel x is W - 1 - x; ``1 - x`` differs by
+    1/W (below any detector's precision) and keeps the flip independent of the image size.
 
     Args:
         points: (..., K, 2) normalised.
-        flip_index: new order of the K points (e.g. [1, 0, 2, 4, 3] for 5 face landmarks); None keeps it.
+        flip_index: new order of the K points (e.g. (1, 0, 2, 4, 3) for 5 face landmarks: eyes
+            and mouth corners swap); None keeps it.
+
+    Returns:
+        (..., K, 2), a new tensor.
     """
     flipped = points.clone()
     flipped[..., 0] = 1.0 - flipped[..., 0]
     if flip_index is not None:
-        flipped = flipped[..., flip_index, :]
+        # a list, not a tuple: a tuple would index several dimensions
+        flipped = flipped[..., list(flip_index), :]
     return flipped
 
 
@@ -156,7 +165,10 @@ def fill_missing(points: Tensor, found: Tensor, canonical: Tensor) -> Tensor:
     Args:
         points: (B, K, 2), may hold garbage where ``found`` is False.
         found: (B,) bool.
-        canonical: (K, 2) canonical normalised points.
+        canonical: (K, 2) canonical normalised points (or (B, K, 2), one set per sample).
+
+    Returns:
+        (B, K, 2): ``points`` where found, ``canonical`` elsewhere.
     """
     canonical = canonical.to(points.dtype).to(points.device).expand_as(points)
     return torch.where(found.to(points.device)[:, None, None], points, canonical)

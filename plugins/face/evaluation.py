@@ -36,11 +36,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kpt.data.keypoints import affine_keypoints, hflip_keypoints
 from kpt.engine.inference import predict
 from kpt.metrics import verification
 
 from .align import ARCFACE_TEMPLATE_112, alignment_matrix, transform_points, warp_affine
-from .augment import flip_keypoints, normalize_images
+from .augment import FLIP_PERMUTATION, normalize_images
 from .synthetic_params import SPLITS
 
 __all__ = [
@@ -171,8 +172,7 @@ def detection_crops(pairs: PairSet, boxes: Tensor, size: int = 112, margin: floa
     h, w = pairs.images.shape[-2:]
     m = detection_crop_matrices(boxes, (h, w), size, margin)
     images = warp_affine(pairs.images.float(), m, (size, size)).round().clamp(0, 255)
-    src = torch.tensor([w, h], dtype=torch.float32)
-    keypoints = transform_points(pairs.keypoints.float() * src, m) / size
+    keypoints = affine_keypoints(pairs.keypoints.float(), m, (h, w), (size, size))
     return PairSet(name or f"{pairs.name}-crop", images.to(torch.uint8), pairs.issame, keypoints,
                    pairs.found, pairs.source)
 
@@ -204,7 +204,7 @@ def embed(model: nn.Module, images: Tensor, keypoints: Tensor, batch_size: int =
         x, k = batch
         feats = net(x, k).float()
         if flip:
-            feats = feats + net(x.flip(-1), flip_keypoints(k)).float()
+            feats = feats + net(x.flip(-1), hflip_keypoints(k, FLIP_PERMUTATION)).float()
         return nn.functional.normalize(feats, dim=1)
 
     return predict(backbone_of(model), batches, fused, device=device, amp=amp)
@@ -322,7 +322,7 @@ def sweep_images(pairs: PairSet, t: float) -> tuple[Tensor, Tensor]:
     centre = (pairs.keypoints.float() * size).mean(1)  # the face centre (mean keypoint)
     m_t = interpolate_similarity(m, t, centre)
     images = warp_affine(pairs.images.float(), m_t, (h, w)).round().clamp(0, 255).to(torch.uint8)
-    keypoints = transform_points(pairs.keypoints.float() * size, m_t) / size
+    keypoints = affine_keypoints(pairs.keypoints.float(), m_t, (h, w))
     return images, keypoints
 
 

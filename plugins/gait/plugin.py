@@ -30,6 +30,7 @@ from kpt_plugins.gait.transforms import GaitTransform
 from torch import Tensor, nn
 
 from kpt.config import load_yaml
+from kpt.data.samplers import pk_batch_sampler
 from kpt.engine.inference import predict
 from kpt.plugin import Plugin, TaskData
 
@@ -121,17 +122,6 @@ def synthetic_spec(cfg) -> SyntheticSpec:
                          seed=d.synthetic_seed)
 
 
-def _pk_sampler_factory(k: int):
-    def factory(dataset, batch_size: int, seed: int, rank: int, world_size: int):
-        from kpt.data.samplers import PKBatchSampler
-
-        if batch_size % k:
-            raise ValueError(f"train.batch_size {batch_size} must be a multiple of data.k={k}")
-        return PKBatchSampler(dataset.labels, batch_size // k, k, seed=seed, rank=rank,
-                              world_size=world_size)
-    return factory
-
-
 def build_data(cfg) -> TaskData:
     """Training clips + the test sequences (probe set from the split json)."""
     apply_profile(cfg)
@@ -154,7 +144,7 @@ def build_data(cfg) -> TaskData:
             "num_train_sequences": len(train), "num_test_sequences": len(test),
             "num_probes": sum(r.key in split.probe_set for r in test_records)}
     return TaskData(train=train, evals={cfg.data.name: test}, info=info,
-                    batch_sampler=_pk_sampler_factory(cfg.data.k))
+                    batch_sampler=pk_batch_sampler(cfg.data.k))
 
 
 # --------------------------------------------------------------------------------------------
