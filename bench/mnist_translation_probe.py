@@ -29,15 +29,15 @@ import torch
 SHIFT_BINS = (0.0, 2.5, 5.0, 7.5, 10.0, 15.0, 25.0)
 
 
-@torch.no_grad()
 def accuracy(model: torch.nn.Module, images: torch.Tensor, keypoints: torch.Tensor,
              labels: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     """Per-digit correctness (N,) float of uint8 images (N, 40, 40) with keypoints (N, 5, 2)."""
-    hits = []
-    for i in range(0, len(images), batch):
-        logits = model(images[i:i + batch, None].float() / 255, keypoints[i:i + batch])
-        hits.append((logits.argmax(1) == labels[i:i + batch]).float())
-    return torch.cat(hits)
+    from kpt.engine.inference import predict
+
+    batches = ((images[i:i + batch, None].float() / 255, keypoints[i:i + batch])
+               for i in range(0, len(images), batch))
+    predicted = predict(model, batches, lambda m, b: m(*b).argmax(1))
+    return (predicted == labels).float()
 
 
 def main(argv: list[str] | None = None) -> int:

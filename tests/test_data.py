@@ -16,6 +16,7 @@ from kpt.data.keypoints import (
     normalize_keypoints,
 )
 from kpt.data.samplers import PKBatchSampler, ShardedBatchSampler, SkipBatches, pk_batch_sampler
+from kpt.errors import UserError
 
 
 def test_sharded_batches_union_equals_single_process_batch():
@@ -41,7 +42,7 @@ def test_pk_sampler_identities_and_ranks():
     ranks = [PKBatchSampler(labels, 4, 2, seed=0, rank=r, world_size=2) for r in range(2)]
     for whole, a, b in zip(sampler, *ranks):
         assert whole == a + b and not {labels[i] for i in a} & {labels[i] for i in b}
-    factory = pk_batch_sampler(labels, 4, 2, batches_per_epoch=5)
+    factory = pk_batch_sampler(2, labels, batches_per_epoch=5)
     assert len(factory(None, 8, 0, 0, 1)) == 5
     with pytest.raises(ValueError, match="multiple of the world size"):
         PKBatchSampler(labels, p=3, k=2, world_size=2)
@@ -88,3 +89,94 @@ def test_load_model_delegates_bare_model_files(tmp_path):
     loaded = kpt.load_model(str(path))
     x = torch.rand(2, 1, 16, 16)
     torch.testing.assert_close(loaded(x, None), model.eval()(x, None))
+
+
+class _Labelled:
+    def __init__(self, labels):
+        self.labels = labels
+
+
+def test_pk_batch_sampler_takes_p_from_the_batch_size():
+    labels = [i // 4 for i in range(48)]  # 12 identities, 4 samples each
+    factory = pk_batch_sampler(2)
+    single = factory(_Labelled(labels), 8, 5, 0, 1)
+    # the order the gait plugin's own factory drew (P = batch // k), so resumed runs match
+    assert list(single) == list(PKBatchSampler(labels, 4, 2, seed=5))
+    assert all(len(b) == 8 and len({labels[i] for i in b}) == 4 for b in single)
+    # under DDP each rank gets the per-process batch; together they are one global batch
+    ranks = [factory(_Labelled(labels), 4, 5, r, 2) for r in range(2)]
+    for whole, a, b in zip(single, *ranks):
+        assert len(a) == len(b) == 4 and sorted(whole) == sorted(a + b)
+    with pytest.raises(UserError, match="train.batch_size=7 must be a multiple"):
+        factory(_Labelled(labels), 7, 0, 0, 1)
+    with pytest.raises(TypeError, match="labels"):
+        factory(object(), 8, 0, 0, 1)
+
+
+def test_check_keypoints_shapes_batch_frames_and_range():
+    clips = torch.rand(2, 3, 4, 2)
+    assert check_keypoints(clips, 4, batch_size=2, frames=3) is clips
+    with pytest.raises(ValueError, match=r"\(B=2, K=4, 2\)"):
+        check_keypoints(clips, 4, batch_size=2, sequence=False, what="vit")
+    with pytest.raises(ValueError, match="frames"):
+        check_keypoints(clips, 4, frames=5)
+    with pytest.raises(ValueError, match="batch 2 does not match the images batch 3"):
+        check_keypoints(clips, batch_size=3)
+    with pytest.raises(ValueError, match=r"m\(pos='kprpe'\) uses keypoints .* without them"):
+        check_keypoints(None, 4, what="m(pos='kprpe')")
+    with pytest.raises(TypeError, match="got list"):
+        check_keypoints([[0.5, 0.5]])
+    with pytest.raises(ValueError, match="dtype torch.int64"):
+        check_keypoints(torch.zeros(1, 2, 2, dtype=torch.long))
+    far = torch.full((1, 2, 2), 3.0)
+    assert check_keypoints(far, tolerance=None) is far  # a backbone accepts points off the image
+    bad = clips.clone()
+    bad[1, 2, 3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or inf \(samples \[1\]\)"):
+        check_keypoints(bad, tolerance=None)
+
+
+def test_check_keypoints_reads_the_device_once(monkeypatch):
+    """Finite flag and range come back in one transfer (one host sync on a GPU)."""
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__float__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda t, _real=real, _name=name: reads.append(_name) or _real(t))
+    check_keypoints(torch.rand(4, 5, 2))
+    assert len(reads) == 1
+    reads.clear()
+    check_keypoints(torch.rand(4, 5, 2), tolerance=None)
+    assert len(reads) == 1
+
+
+def _face_flip(points):
+    """The face plugin's former flip: permute (1, 0, 2, 4, 3), then x -> 1 - x."""
+    out = points[:, [1, 0, 2, 4, 3]].clone()
+    out[..., 0] = 1.0 - out[..., 0]
+    return out
+
+
+def _face_transform_points(points, m):
+    """The face plugin's pixel affine: (B, K, 2) @ (B, 2, 3)."""
+    return points @ m[..., :2].transpose(-1, -2) + m[..., 2].unsqueeze(-2)
+
+
+def test_core_keypoint_helpers_match_the_face_plugin_versions():
+    torch.manual_seed(0)
+    kp = torch.rand(3, 5, 2)
+    flipped = hflip_keypoints(kp, (1, 0, 2, 4, 3))  # a tuple, as the face plugin declares it
+    assert torch.equal(flipped, _face_flip(kp))
+    assert torch.equal(hflip_keypoints(flipped, (1, 0, 2, 4, 3)), kp)
+    m = torch.randn(3, 2, 3)
+    h, w, size = 30, 20, 16
+    src = torch.tensor([w, h], dtype=torch.float32)
+    want = _face_transform_points(kp * src, m) / size
+    assert torch.equal(affine_keypoints(kp, m, (h, w), (size, size)), want)
+    # unbatched points and one matrix for all, as the face code also uses them
+    assert torch.equal(affine_keypoints(kp[0], m[0], (h, w)), _face_transform_points(kp[0] * src, m[0]) / src)
+    torch.testing.assert_close(affine_keypoints(kp, m[0], (h, w))[2], affine_keypoints(kp[2], m[0], (h, w)))
+    per_sample = torch.rand(3, 5, 2)
+    found = torch.tensor([True, False, True])
+    torch.testing.assert_close(fill_missing(kp, found, per_sample)[1], per_sample[1])
+    torch.testing.assert_close(fill_missing(kp, found, per_sample)[2], kp[2])

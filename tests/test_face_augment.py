@@ -6,11 +6,13 @@ import numpy as np
 import torch
 from kpt_plugins.face.align import ARCFACE_TEMPLATE_112
 from kpt_plugins.face.data.augment import (
+    FLIP_PERMUTATION,
     FaceAugment,
     FaceCollate,
     RepeatedAugmentSampler,
-    flip_keypoints,
 )
+
+from kpt.data.keypoints import hflip_keypoints
 
 
 def _blob_images(keypoints: torch.Tensor, size: int = 112) -> torch.Tensor:
@@ -58,12 +60,12 @@ def test_keypoints_follow_the_pixels():
 
 def test_flip_keeps_eye_order_and_mirrors_x():
     template = torch.as_tensor(ARCFACE_TEMPLATE_112 / 112, dtype=torch.float32)[None]
-    flipped = flip_keypoints(template)
+    flipped = hflip_keypoints(template, FLIP_PERMUTATION)
     assert flipped[0, 0, 0] < flipped[0, 1, 0]  # index 0 stays the eye with the smaller x
     assert flipped[0, 3, 0] < flipped[0, 4, 0]
     torch.testing.assert_close(flipped[0, 0, 0], 1 - template[0, 1, 0])
-    torch.testing.assert_close(flip_keypoints(flipped), template)
-    # a pure mirror through the augmentation gives the same keypoints as flip_keypoints
+    torch.testing.assert_close(hflip_keypoints(flipped, FLIP_PERMUTATION), template)
+    # a pure mirror through the augmentation gives the same keypoints as hflip_keypoints
     aug = FaceAugment(scale_min=1.0, scale_max=1.0, rot_prob=0.0, hflip_prob=1.0, extra_offset=0.0)
     _, moved = aug(torch.zeros(1, 3, 112, 112), template)
     torch.testing.assert_close(moved, flipped, atol=1.01 / 112, rtol=0)  # exact mirror: W − 1 − x

@@ -61,8 +61,14 @@ def test_shapes_and_kprpe_starts_as_the_baseline():
 
 def test_kprpe_needs_keypoints():
     model = SwinGait2D(pos="kprpe", num_classes=3, **CPU)
-    with pytest.raises(ValueError, match=r"needs keypoints \(1, 4, 17, 2\)"):
+    with pytest.raises(ValueError, match=r"without them.*\(B=1, T=4, K=17, 2\)"):
         model(torch.rand(1, 4, 32, 22))
+    with pytest.raises(ValueError, match="frames"):
+        model(torch.rand(1, 4, 32, 22), torch.rand(1, 3, 17, 2))
+    bad = torch.rand(1, 4, 17, 2)
+    bad[0, 2, 5, 1] = float("nan")
+    with pytest.raises(ValueError, match="SwinGait2D.*NaN"):
+        model(torch.rand(1, 4, 32, 22), bad)
     with pytest.raises(ValueError, match="pos must be"):
         SwinGait2D(pos="rpe")
 

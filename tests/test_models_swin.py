@@ -123,3 +123,43 @@ def test_swin_v2_s_kprpe_preset():
     assert model.stages[3].blocks[1].shift_for(5, 5) == (0, 0)
     assert model.stages[0].blocks[0].attn.cosine and model.stages[0].blocks[0].window_bias is None
     assert tuple(model.feature[0].weight.shape) == (1024, 25 * 1024)
+
+
+def test_keypoints_checked_once_per_forward(monkeypatch):
+    """One check and one host sync (one ``isfinite``) per forward, not one per stage and module."""
+    import kpt.data.keypoints
+    import kpt.models.swin
+
+    deep = {**SMALL, "depths": (2, 2, 2, 2), "num_heads": (2, 2, 2, 2), "window_size": 2,
+            "img_size": 32}
+    model = kpt.create_model("swin", pos="kprpe", **deep).eval()
+    checks, finite_calls = [], []
+    real_check, real_isfinite = kpt.data.keypoints.check_keypoints, torch.isfinite
+
+    def counting_check(*args, **kwargs):
+        checks.append(kwargs.get("what"))
+        return real_check(*args, **kwargs)
+
+    def counting_isfinite(x):
+        finite_calls.append(tuple(x.shape))
+        return real_isfinite(x)
+
+    monkeypatch.setattr(kpt.models.swin, "check_keypoints", counting_check)
+    monkeypatch.setattr(torch, "isfinite", counting_isfinite)
+    keypoints = torch.rand(2, 5, 2)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32), keypoints)
+    assert len(model.stages) == 4
+    assert checks == ["swin(pos='kprpe')"]
+    assert finite_calls == [(2, 5, 2)]
+    bad = keypoints.clone()
+    bad[1, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"swin\(pos='kprpe'\): keypoints contain NaN or inf "
+                                         r"\(samples \[1\]\)"):
+        model(torch.randn(2, 3, 32, 32), bad)
+
+
+def test_stage_without_keypoints_is_a_clear_error():
+    stage = SwinStage(16, 1, 2, (4, 4), window_size=2, relative="kprpe")
+    with pytest.raises(ValueError, match="without them"):
+        stage(torch.randn(1, 4, 4, 16))

@@ -159,23 +159,16 @@ def test_keypoint_grad_on_reaches_keypoints():
     assert kp.grad is not None and kp.grad.abs().sum() > 0
 
 
-def test_extra_keypoints_ignored_and_bad_input_rejected():
+def test_extra_keypoints_ignored_and_values_trusted():
     rpe = randomise(KeypointRPE(3, 1, 1, 4))
     kp = torch.rand(2, 5, 2)
     assert torch.equal(rpe(kp)[0], rpe(kp[:, :3])[0])
-    with pytest.raises(ValueError, match="at least 3 keypoints"):
-        rpe(kp[:, :2])
-    with pytest.raises(ValueError, match=r"\(B, K, 2\)"):
-        rpe(torch.rand(2, 6))
-    with pytest.raises(ValueError, match="float"):
-        rpe(torch.ones(2, 3, 2, dtype=torch.long))
+    # the backbone checks keypoints once per forward; the position module trusts its caller and
+    # reads no value back from the device (a NaN flows through instead of raising here)
     bad = kp.clone()
     bad[1, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"NaN or inf \(samples \[1\]\)"):
-        rpe(bad)
-    bad[1, 0, 0] = float("inf")
-    with pytest.raises(ValueError, match="NaN or inf"):
-        rpe(bad)
+    bias = rpe(bad)[0]
+    assert torch.isnan(bias[1]).any() and torch.isfinite(bias[0]).all()
 
 
 def test_constructor_errors():

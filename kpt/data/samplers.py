@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from kpt.errors import DataError
+from kpt.errors import DataError, UserError
 
 
 class ShardedBatchSampler(Sampler[list[int]]):
@@ -123,12 +123,33 @@ class PKBatchSampler(Sampler[list[int]]):
             yield [int(i) for ids in mine for i in ids]
 
 
-def pk_batch_sampler(labels: Sequence[Any], p: int, k: int,
+def pk_batch_sampler(k: int, labels: Sequence[Any] | None = None,
                      batches_per_epoch: int | None = None) -> Callable[..., PKBatchSampler]:
-    """A ``TaskData.batch_sampler`` factory for :class:`PKBatchSampler` (ignores ``batch_size``)."""
-    def factory(dataset: Any, batch_size: int, seed: int, rank: int, world_size: int) -> PKBatchSampler:
-        return PKBatchSampler(labels, p, k, seed=seed, rank=rank, world_size=world_size,
-                              batches_per_epoch=batches_per_epoch)
+    """A ``TaskData.batch_sampler`` factory for :class:`PKBatchSampler`: K samples per identity,
+    P = ``train.batch_size // k`` identities per batch.
+
+    The engine calls the factory with the per-process batch size, so a global batch holds
+    ``world_size · batch_size / k`` identities, split over the ranks.
+
+    Args:
+        k: samples per identity.
+        labels: label of every training item; default: the dataset's ``labels`` attribute.
+        batches_per_epoch: default ``n // (p·k)`` (see :class:`PKBatchSampler`).
+    """
+    def factory(dataset: Any, batch_size: int, seed: int, rank: int, world_size: int
+                ) -> PKBatchSampler:
+        if batch_size < k or batch_size % k:
+            raise UserError(f"train.batch_size={batch_size} must be a multiple of the {k} samples "
+                            f"per identity of a P×K batch (data.k={k})")
+        items = labels if labels is not None else getattr(dataset, "labels", None)
+        if items is None:
+            raise TypeError("pk_batch_sampler: pass labels, or give the dataset a `labels` "
+                            "attribute (one label per item)")
+        p = (batch_size // k) * world_size
+        hint = (f" Here P = train.batch_size / k = {p * k} / {k} = {p}: lower train.batch_size or "
+                f"raise k (data.k) so that P is at most the number of identities.")
+        return PKBatchSampler(items, p, k, seed=seed, rank=rank, world_size=world_size,
+                              batches_per_epoch=batches_per_epoch, hint=hint)
     return factory
 
 

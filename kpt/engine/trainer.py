@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from kpt.engine.distributed import (
     broadcast_object,
     init_distributed,
 )
+from kpt.engine.inference import autocast_context, move_to_device  # shared with evaluation
 from kpt.engine.malloc import keep_freed_memory
 from kpt.engine.optim import build_optimizer, build_scheduler, epochs_needed, total_training_steps
 from kpt.engine.progress import MetricsLog, Progress, header_lines, metric_table
@@ -50,30 +50,6 @@ def default_run_dir(domain: str, root: str | Path = "runs") -> Path:
     return new_run_dir(Path(root) / domain)
 
 
-def move_to_device(batch: Any, device: torch.device) -> Any:
-    """Tensors of a (nested) batch moved to ``device``."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move_to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(v, device) for v in batch)
-    return batch
-
-
-def autocast_context(amp: str, device: torch.device) -> Any:
-    """Autocast for ``train.amp`` (none | bf16 | fp16)."""
-    if amp == "none":
-        return nullcontext()
-    if amp == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise UserError(f"train.amp=fp16 needs a CUDA GPU, but this run uses {device.type} "
-                            f"(train.device); on a CPU use train.amp=bf16 (CPU autocast) or "
-                            f"train.amp=none")
-        return torch.autocast("cuda", dtype=torch.float16)
-    raise UserError(f"train.amp={amp!r}: expected none, bf16 or fp16")
 
 
 def split_step_output(out: Any, plugin: str) -> tuple[Tensor, dict[str, float]]:

@@ -1,9 +1,9 @@
-"""Pieces shared by the kpt backbones: keypoint checks, feature heads, weight init.
+"""Pieces shared by the kpt backbones: feature heads, weight init.
 
 Every backbone in :mod:`kpt.models` is called as ``model(images, keypoints)``. The helpers here keep
 the behaviour around that call identical across ViT and Swin:
 
-* :func:`check_keypoints` validates the keypoint tensor, with errors that say what was expected;
+* keypoints are checked once per forward by :func:`kpt.data.keypoints.check_keypoints`;
 * :class:`FlattenBNHead` is the official CVLface face-embedding head (flatten all tokens, then
   Linear-BN-Linear-BN), submodules numbered ``0..3`` so official ``feature.{0..3}`` keys map 1:1;
 * :func:`init_linear_layernorm` is the official/timm ViT init, skipping position encodings that
@@ -22,64 +22,6 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 HEAD_TYPES = ("flatten_bn", "avg", "cls")
-
-
-def _tracing() -> bool:
-    """True while exporting/tracing/compiling: data-dependent Python checks must be skipped."""
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
-
-
-def check_keypoints(
-    keypoints: Tensor | None, batch_size: int, num_keypoints: int, owner: str
-) -> Tensor:
-    """Validate keypoints for a KP-RPE backbone.
-
-    Args:
-        keypoints: (B, K, 2) float, (x, y) normalised to [0, 1] by the width and height of the image
-            the backbone sees. Values slightly outside [0, 1] are legal (points off the image).
-        batch_size: B of the images the keypoints belong to.
-        num_keypoints: K the model was built for.
-        owner: model description used in error messages, e.g. ``"vit(pos='kprpe')"``.
-
-    Returns:
-        The same tensor (unchanged).
-
-    Raises:
-        ValueError: keypoints missing, wrong shape/batch/K, not floating point, or not finite.
-    """
-    expected = f"a float tensor (B={batch_size}, K={num_keypoints}, 2) of (x, y) in [0, 1]"
-    if keypoints is None:
-        raise ValueError(
-            f"{owner} uses keypoints (KP-RPE) but was called without them: call "
-            f"model(images, keypoints) with keypoints {expected}."
-        )
-    if not isinstance(keypoints, Tensor):
-        raise TypeError(f"{owner}: keypoints must be {expected}; got {type(keypoints).__name__}.")
-    if keypoints.dim() != 3 or keypoints.shape[-1] != 2:
-        raise ValueError(
-            f"{owner}: keypoints must be {expected}; got shape {tuple(keypoints.shape)}."
-        )
-    if keypoints.shape[0] != batch_size:
-        raise ValueError(
-            f"{owner}: keypoints batch {keypoints.shape[0]} does not match images batch "
-            f"{batch_size}."
-        )
-    if keypoints.shape[1] != num_keypoints:
-        raise ValueError(
-            f"{owner}: model was built with num_keypoints={num_keypoints} but got "
-            f"{keypoints.shape[1]} keypoints (shape {tuple(keypoints.shape)})."
-        )
-    if not keypoints.is_floating_point():
-        raise ValueError(f"{owner}: keypoints must be floating point; got dtype {keypoints.dtype}.")
-    if not _tracing() and not bool(torch.isfinite(keypoints).all()):
-        raise ValueError(
-            f"{owner}: keypoints contain NaN or inf; a keypoint source must return finite points "
-            "(canonical points where nothing was found)."
-        )
-    return keypoints
 
 
 class FlattenBNHead(nn.Sequential):

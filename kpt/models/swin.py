@@ -29,6 +29,7 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.swin_transformer import get_relative_position_index
 from torch import Tensor, nn
 
+from kpt.data.keypoints import check_keypoints
 from kpt.layers import WindowAttention
 from kpt.layers.windows import (
     effective_shift,
@@ -39,7 +40,6 @@ from kpt.layers.windows import (
 )
 from kpt.models.common import (
     FlattenBNHead,
-    check_keypoints,
     init_linear_layernorm,
     stochastic_depth,
 )
@@ -276,7 +276,10 @@ class SwinStage(nn.Module):
             for block in self.blocks:
                 x = block(x)
             return x
-        check_keypoints(keypoints, x.shape[0], self.num_keypoints, "swin(pos='kprpe')")
+        if keypoints is None:
+            # values are checked by the backbone; a stage only refuses to run without points
+            raise ValueError("SwinStage(pos='kprpe') uses keypoints (KP-RPE) but was called "
+                             "without them: pass keypoints (B, K, 2) in [0, 1]")
         # each block's windowed bias is built right before the block (one alive at a time)
         for block, bias in zip(self.blocks, self.kprpe.iter_biases(keypoints)):
             x = block(x, bias)
@@ -421,9 +424,9 @@ class SwinTransformer(nn.Module):
     def forward_features(self, images: Tensor, keypoints: Tensor | None = None) -> Tensor:
         """images (B, C, H, W), keypoints (B, K, 2) | None → final map after norm (B, h, w, C')."""
         if self.uses_keypoints:
-            check_keypoints(
-                keypoints, images.shape[0], self.num_keypoints, f"swin(pos={self.pos!r})"
-            )
+            # the one check of this forward; stages and their KP-RPE modules trust it
+            check_keypoints(keypoints, self.num_keypoints, batch_size=images.shape[0],
+                            sequence=False, what=f"swin(pos={self.pos!r})", tolerance=None)
         x = self.patch_embed(images)
         if self.abs_pos is not None:
             b, h, w, c = x.shape

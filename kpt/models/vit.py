@@ -28,11 +28,11 @@ import torch
 from timm.layers import DropPath, Mlp, PatchEmbed, get_act_layer, trunc_normal_
 from torch import Tensor, nn
 
+from kpt.data.keypoints import check_keypoints
 from kpt.layers import Attention
 from kpt.models.common import (
     HEAD_TYPES,
     FlattenBNHead,
-    check_keypoints,
     final_norm,
     head_input_dtype,
     init_linear_layernorm,
@@ -272,9 +272,9 @@ class VisionTransformer(nn.Module):
         ``final_norm_fp32``.
         """
         if self.kprpe is not None:
-            check_keypoints(
-                keypoints, images.shape[0], self.num_keypoints, f"vit(pos={self.pos!r})"
-            )
+            # the one check of this forward; the KP-RPE module trusts it
+            check_keypoints(keypoints, self.num_keypoints, batch_size=images.shape[0],
+                            sequence=False, what=f"vit(pos={self.pos!r})", tolerance=None)
         x = self.patch_embed(images)
         if self.abs_pos is not None:
             x = self.abs_pos(x)

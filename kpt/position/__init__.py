@@ -3,7 +3,7 @@
 from kpt.position.absolute import POS_CHOICES, AbsolutePositionEmbedding, parse_pos
 from kpt.position.buckets import bucket_ids, gather_buckets, num_buckets, piecewise_index
 from kpt.position.irpe import ContextualRPE
-from kpt.position.kprpe import VARIANTS, KeypointRPE, check_keypoints, patch_centres
+from kpt.position.kprpe import VARIANTS, KeypointRPE, patch_centres
 from kpt.position.rpe import RelativePositionBias
 
 __all__ = [
@@ -14,7 +14,6 @@ __all__ = [
     "KeypointRPE",
     "RelativePositionBias",
     "bucket_ids",
-    "check_keypoints",
     "gather_buckets",
     "num_buckets",
     "parse_pos",

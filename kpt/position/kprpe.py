@@ -45,7 +45,7 @@ from torch import nn
 from kpt.layers.windows import roll_to_windows, to_pair
 from kpt.position.buckets import bucket_ids, gather_buckets, num_buckets
 
-__all__ = ["VARIANTS", "KeypointRPE", "check_keypoints", "patch_centres"]
+__all__ = ["VARIANTS", "KeypointRPE", "patch_centres"]
 
 VARIANTS = ("rel", "rel_splithead", "rel_unshared", "rel_splithead_unshared")
 
@@ -57,35 +57,6 @@ def patch_centres(height: int, width: int, device: torch.device | str | None = N
     xs = (torch.arange(width, device=device, dtype=torch.float64) + 0.5) / width
     grid = torch.stack([xs.repeat(height), ys.repeat_interleave(width)], dim=-1)
     return grid.to(dtype)
-
-
-def check_keypoints(keypoints: torch.Tensor, num_keypoints: int, who: str = "KeypointRPE"
-                    ) -> torch.Tensor:
-    """Validate (B, K, 2) keypoints with K ≥ ``num_keypoints``; return the first K points.
-
-    Extra points are ignored, as the official code slices them away. Raises ValueError for a
-    wrong shape, a non-float dtype or non-finite values (NaN/inf would poison every logit).
-    """
-    if not isinstance(keypoints, torch.Tensor):
-        raise TypeError(f"{who}: keypoints must be a tensor (B, K, 2), got {type(keypoints)}")
-    if keypoints.dim() != 3 or keypoints.shape[-1] != 2:
-        raise ValueError(f"{who}: keypoints must have shape (B, K, 2) with (x, y) in [0, 1], "
-                         f"got {tuple(keypoints.shape)}")
-    if keypoints.shape[1] < num_keypoints:
-        raise ValueError(f"{who}: expected at least {num_keypoints} keypoints per sample, got "
-                         f"{keypoints.shape[1]} (shape {tuple(keypoints.shape)})")
-    if not keypoints.is_floating_point():
-        raise ValueError(f"{who}: keypoints must be a float tensor, got {keypoints.dtype}")
-    keypoints = keypoints[:, :num_keypoints]
-    # The value check syncs with the device and cannot be traced; skip it under export/compile.
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return keypoints
-    if not torch.isfinite(keypoints).all():
-        bad = (~torch.isfinite(keypoints)).flatten(1).any(1).nonzero().flatten().tolist()
-        raise ValueError(f"{who}: keypoints contain NaN or inf (samples {bad[:8]}); a keypoint "
-                         "source must return finite points (the domain's canonical points "
-                         "when it finds none)")
-    return keypoints
 
 
 class KeypointRPE(nn.Module):
@@ -183,8 +154,12 @@ class KeypointRPE(nn.Module):
                 f"buckets={self.num_buckets}, hidden={self.hidden}")
 
     def relative_keypoints(self, keypoints: torch.Tensor) -> torch.Tensor:
-        """(B, K', 2) keypoints -> (B, N, 2K) patch-minus-keypoint features [dx0, dy0, ...]."""
-        kp = check_keypoints(keypoints, self.num_keypoints)
+        """(B, K', 2) keypoints, K' ≥ K -> (B, N, 2K) patch-minus-keypoint features [dx0, ...].
+
+        The backbone has checked the points (:func:`kpt.data.keypoints.check_keypoints`, once per
+        forward); extra points are ignored, as the official code slices them away.
+        """
+        kp = keypoints[:, :self.num_keypoints]
         if not self.keypoint_grad:
             kp = kp.detach()
         grid = self.grid.to(kp.dtype)

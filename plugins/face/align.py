@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kpt.data.keypoints import affine_keypoints
+
 __all__ = [
     "ARCFACE_TEMPLATE_112",
     "align_faces",
@@ -149,18 +151,14 @@ def keypoints_to_aligned(
     keypoints: torch.Tensor, m: torch.Tensor, image_hw: tuple[int, int], size: int = 112
 ) -> torch.Tensor:
     """Normalised keypoints (B, K, 2) of the source frame → normalised in the aligned frame."""
-    h, w = image_hw
-    px = keypoints * _pixel_scale(h, w, keypoints)
-    return transform_points(px, m.to(keypoints.dtype)) / size
+    return affine_keypoints(keypoints, m, image_hw, (size, size))
 
 
 def keypoints_from_aligned(
     keypoints: torch.Tensor, m: torch.Tensor, image_hw: tuple[int, int], size: int = 112
 ) -> torch.Tensor:
     """Normalised keypoints (B, K, 2) of the aligned frame → normalised in the source frame."""
-    h, w = image_hw
-    px = transform_points(keypoints * size, invert_affine(m.to(keypoints.dtype)))
-    return px / _pixel_scale(h, w, keypoints)
+    return affine_keypoints(keypoints, invert_affine(m.to(keypoints.dtype)), (size, size), image_hw)
 
 
 def align_faces(

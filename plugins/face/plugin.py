@@ -262,7 +262,8 @@ def evaluate_sets(model: nn.Module, sets: dict[str, PairSet], cfg: Config,
     metrics: dict[str, float] = {}
     accs = []
     for key, pairs in sets.items():
-        res = evaluate_pairs(model, pairs, cfg.eval.batch_size, device, cfg.eval.flip)
+        res = evaluate_pairs(model, pairs, cfg.eval.batch_size, device, cfg.eval.flip,
+                             amp=cfg.train.amp)
         for field in ("accuracy", "accuracy_std", "threshold", "val", "far"):
             metrics[f"{pairs.name}/{field}"] = res[field]
         if key in ("aligned", "unaligned", "unaligned_crop"):

@@ -35,6 +35,7 @@ from timm.layers import trunc_normal_
 from timm.models.resnet import BasicBlock
 from torch import Tensor, nn
 
+from kpt.data.keypoints import check_keypoints
 from kpt.models.swin import SwinStage
 
 logger = logging.getLogger(__name__)
@@ -197,10 +198,9 @@ class SwinGait2D(nn.Module):
         n, t = images.shape[:2]
         kp = None
         if self.uses_keypoints:
-            if keypoints is None or keypoints.shape != (n, t, self.num_keypoints, 2):
-                got = None if keypoints is None else tuple(keypoints.shape)
-                raise ValueError(f"SwinGait2D(pos='kprpe') needs keypoints "
-                                 f"({n}, {t}, {self.num_keypoints}, 2), got {got}")
+            # the one check of this forward; the Swin stages and KP-RPE trust it
+            check_keypoints(keypoints, self.num_keypoints, batch_size=n, frames=t, sequence=True,
+                            what="SwinGait2D(pos='kprpe')", tolerance=None)
             kp = keypoints.reshape(n * t, self.num_keypoints, 2).to(images.dtype)
         x = self.frame_features(images.reshape(n * t, *images.shape[2:]), kp)
         x = rearrange(x, "(n t) h w c -> n t c h w", n=n).amax(1)  # temporal max pooling

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +29,8 @@ from kpt_plugins.gait.synthetic import SyntheticSpec, ensure_synthetic, generate
 from kpt_plugins.gait.transforms import GaitTransform
 from torch import Tensor, nn
 
+from kpt.data.samplers import pk_batch_sampler
+from kpt.engine.inference import predict
 from kpt.plugin import Plugin, TaskData
 
 logger = logging.getLogger(__name__)
@@ -89,21 +92,6 @@ def synthetic_spec(cfg) -> SyntheticSpec:
                          seed=d.synthetic_seed)
 
 
-def _pk_sampler_factory(k: int):
-    def factory(dataset, batch_size: int, seed: int, rank: int, world_size: int):
-        from kpt.data.samplers import PKBatchSampler
-        from kpt.errors import UserError
-
-        if k < 1 or batch_size % k:
-            raise UserError(f"train.batch_size={batch_size} must be a multiple of data.k={k} "
-                            f"(P×K batches: P identities × data.k sequences each)")
-        hint = (f" Here P = train.batch_size / data.k = {batch_size} / {k}: lower "
-                f"train.batch_size or raise data.k so that P is at most the number of identities.")
-        return PKBatchSampler(dataset.labels, batch_size // k, k, seed=seed, rank=rank,
-                              world_size=world_size, hint=hint)
-    return factory
-
-
 def build_data(cfg) -> TaskData:
     """Training clips + the test sequences (probe set from the split json)."""
     root = _data_root(cfg)
@@ -127,7 +115,7 @@ def build_data(cfg) -> TaskData:
             "num_train_sequences": len(train), "num_test_sequences": len(test),
             "num_probes": sum(r.key in split.probe_set for r in test_records)}
     return TaskData(train=train, evals={cfg.data.name: test}, info=info,
-                    batch_sampler=_pk_sampler_factory(cfg.data.k))
+                    batch_sampler=pk_batch_sampler(cfg.data.k))
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,9 +150,9 @@ def training_step(model: nn.Module, batch: dict, cfg) -> tuple[Tensor, dict[str,
     return criterion(out["embeddings"], out["logits"], batch["label"])
 
 
-@torch.no_grad()
 def embed_sequences(model: nn.Module, dataset: GaitSequenceDataset, device: torch.device,
-                    batch_size: int = 8) -> tuple[Tensor, list[str], list[bool]]:
+                    batch_size: int = 8, amp: str = "none"
+                    ) -> tuple[Tensor, list[str], list[bool]]:
     """Embeds every sequence with all its frames, in dataset order.
 
     Consecutive sequences of equal length share a batch (all of them on the synthetic walkers;
@@ -174,33 +162,34 @@ def embed_sequences(model: nn.Module, dataset: GaitSequenceDataset, device: torc
         features (N, P, E) float32 on CPU (parts first, as :func:`kpt.metrics.retrieval` expects),
         labels and probe flags in dataset order.
     """
-    was_training = model.training
-    model.eval()
-    feats: list[Tensor] = []
     labels: list[str] = []
     probes: list[bool] = []
-    pending: list[dict] = []
 
-    def flush() -> None:
-        if not pending:
-            return
-        images = torch.stack([it["image"] for it in pending]).to(device)
-        keypoints = torch.stack([it["keypoints"] for it in pending]).to(device)
-        emb = model(images, keypoints)["embeddings"].float().cpu()  # (b, E, P)
-        feats.extend(emb.transpose(1, 2))
-        pending.clear()
+    def batches() -> Iterator[dict[str, Tensor]]:
+        pending: list[dict] = []
+        for i in range(len(dataset)):
+            item = dataset[i]
+            if pending and (len(pending) == batch_size
+                            or item["image"].shape != pending[0]["image"].shape):
+                yield _stack_sequences(pending)
+                pending = []
+            pending.append(item)
+            labels.append(item["label"])
+            probes.append(bool(item["probe"]))
+        if pending:
+            yield _stack_sequences(pending)
 
-    for i in range(len(dataset)):
-        item = dataset[i]
-        if pending and (len(pending) == batch_size
-                        or item["image"].shape != pending[0]["image"].shape):
-            flush()
-        pending.append(item)
-        labels.append(item["label"])
-        probes.append(bool(item["probe"]))
-    flush()
-    model.train(was_training)
-    return torch.stack(feats), labels, probes
+    def parts_first(m: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return m(batch["image"], batch["keypoints"])["embeddings"].float().transpose(1, 2)
+
+    feats = predict(model, batches(), parts_first, device=device, amp=amp)  # (N, P, E)
+    return feats, labels, probes
+
+
+def _stack_sequences(items: list[dict]) -> dict[str, Tensor]:
+    """Sequences of one length → a batch: image (b, T, H, W), keypoints (b, T, 17, 2)."""
+    return {"image": torch.stack([it["image"] for it in items]),
+            "keypoints": torch.stack([it["keypoints"] for it in items])}
 
 
 def evaluate(model: nn.Module, data: TaskData, cfg, device: torch.device) -> dict[str, float]:
@@ -210,7 +199,8 @@ def evaluate(model: nn.Module, data: TaskData, cfg, device: torch.device) -> dic
     model = getattr(model, "module", model)
     results: dict[str, float] = {}
     for n, (name, dataset) in enumerate(data.evals.items()):
-        feats, labels, probe = embed_sequences(model, dataset, device, cfg.eval.batch_size)
+        feats, labels, probe = embed_sequences(model, dataset, device, cfg.eval.batch_size,
+                                               cfg.train.amp)
         is_probe = torch.tensor(probe)
         if not is_probe.any():
             raise GaitDataError(f"eval set {name!r}: no sequence of the probe set was found")

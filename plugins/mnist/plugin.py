@@ -28,7 +28,7 @@ from kpt_plugins.mnist.model import POS_VARIANTS, build_digit_vit
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from kpt.engine.trainer import autocast_context
+from kpt.engine.inference import predict
 from kpt.errors import DataError
 from kpt.plugin import Plugin, TaskData
 from kpt.position import VARIANTS
@@ -168,17 +168,14 @@ def training_step(model: nn.Module, batch: dict, cfg) -> tuple[Tensor, dict[str,
     return loss, {"acc": acc}
 
 
-@torch.no_grad()
 def predict_labels(model: nn.Module, dataset: DigitDataset, device: torch.device, batch_size: int,
                    amp: str = "none") -> Tensor:
     """Predicted labels (N,) for a :class:`DigitDataset` (its stored frames, centred as given)."""
-    preds = []
-    for i in range(0, len(dataset), batch_size):
-        x = dataset.images[i:i + batch_size, None].float().div(255).to(device)
-        kp = dataset.keypoints[i:i + batch_size].to(device)
-        with autocast_context(amp, device):
-            preds.append(model(x, kp).argmax(1).cpu())
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    if len(dataset) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    batches = ((dataset.images[i:i + batch_size, None].float().div(255),
+                dataset.keypoints[i:i + batch_size]) for i in range(0, len(dataset), batch_size))
+    return predict(model, batches, lambda m, b: m(*b).argmax(1), device=device, amp=amp)
 
 
 def evaluate(model: nn.Module, data: TaskData, cfg, device: torch.device) -> dict[str, float]:

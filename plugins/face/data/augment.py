@@ -39,7 +39,6 @@ __all__ = [
     "FaceAugment",
     "FaceCollate",
     "RepeatedAugmentSampler",
-    "flip_keypoints",
     "normalize_images",
 ]
 
@@ -52,18 +51,6 @@ FLIP_PERMUTATION = (1, 0, 2, 4, 3)
 def normalize_images(images: Tensor) -> Tensor:
     """uint8 / 0–255 RGB (B, 3, H, W) → float32 ``(x/255 − 0.5)/0.5`` in [−1, 1]."""
     return images.float().div(127.5).sub(1.0)
-
-
-def flip_keypoints(keypoints: Tensor) -> Tensor:
-    """Keypoints (B, 5, 2) of an image → keypoints of its horizontal mirror (x → 1 − x, swapped).
-
-    With kpt's convention (pixel centres at integers, normalised by the width) the exact mirror of
-    pixel x is W − 1 − x; ``1 − x`` differs by 1/W, below the detector's precision, and keeps
-    this function independent of the image size.
-    """
-    flipped = keypoints[:, list(FLIP_PERMUTATION)].clone()
-    flipped[..., 0] = 1.0 - flipped[..., 0]
-    return flipped
 
 
 @dataclass

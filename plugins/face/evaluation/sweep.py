@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kpt.data.keypoints import affine_keypoints
+
 from ..align import alignment_matrix, transform_points, warp_affine
 from .verification import PairSet, evaluate_pairs
 
@@ -54,7 +56,7 @@ def sweep_images(pairs: PairSet, t: float) -> tuple[Tensor, Tensor]:
     centre = (pairs.keypoints.float() * size).mean(1)  # the face centre (mean keypoint)
     m_t = interpolate_similarity(m, t, centre)
     images = warp_affine(pairs.images.float(), m_t, (h, w)).round().clamp(0, 255).to(torch.uint8)
-    keypoints = transform_points(pairs.keypoints.float() * size, m_t) / size
+    keypoints = affine_keypoints(pairs.keypoints.float(), m_t, (h, w))
     return images, keypoints
 
 

@@ -30,10 +30,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from kpt.data.keypoints import affine_keypoints, hflip_keypoints
+from kpt.engine.inference import predict
 from kpt.metrics import verification
 
-from ..align import ARCFACE_TEMPLATE_112, transform_points, warp_affine
-from ..data.augment import flip_keypoints, normalize_images
+from ..align import ARCFACE_TEMPLATE_112, warp_affine
+from ..data.augment import FLIP_PERMUTATION, normalize_images
 from ..synthetic.params import SPLITS
 
 __all__ = [
@@ -163,8 +165,7 @@ def detection_crops(pairs: PairSet, boxes: Tensor, size: int = 112, margin: floa
     h, w = pairs.images.shape[-2:]
     m = detection_crop_matrices(boxes, (h, w), size, margin)
     images = warp_affine(pairs.images.float(), m, (size, size)).round().clamp(0, 255)
-    src = torch.tensor([w, h], dtype=torch.float32)
-    keypoints = transform_points(pairs.keypoints.float() * src, m) / size
+    keypoints = affine_keypoints(pairs.keypoints.float(), m, (h, w), (size, size))
     return PairSet(name or f"{pairs.name}-crop", images.to(torch.uint8), pairs.issame, keypoints,
                    pairs.found, pairs.source)
 
@@ -174,9 +175,8 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return getattr(model, "backbone", model)
 
 
-@torch.no_grad()
 def embed(model: nn.Module, images: Tensor, keypoints: Tensor, batch_size: int = 64,
-          device: torch.device | str = "cpu", flip: bool = True) -> Tensor:
+          device: torch.device | str = "cpu", flip: bool = True, amp: str = "none") -> Tensor:
     """Flip-fused, L2-normalised embeddings.
 
     Args:
@@ -184,33 +184,31 @@ def embed(model: nn.Module, images: Tensor, keypoints: Tensor, batch_size: int =
         images: (N, 3, H, W) uint8 RGB (or float in 0–255).
         keypoints: (N, 5, 2) normalised keypoints of ``images``.
         flip: add the embedding of the mirrored image (insightface flip fusion, sum of raw features).
+        amp: the run's ``train.amp`` (none | bf16 | fp16).
 
     Returns:
         (N, D) float32 unit vectors on the CPU.
     """
-    net = backbone_of(model)
-    was_training = net.training
-    net.eval()
-    out = []
-    try:
-        for start in range(0, len(images), batch_size):
-            x = normalize_images(images[start:start + batch_size]).to(device)
-            k = keypoints[start:start + batch_size].float().to(device)
-            feats = net(x, k).float()
-            if flip:
-                feats = feats + net(x.flip(-1), flip_keypoints(k)).float()
-            out.append(nn.functional.normalize(feats, dim=1).cpu())
-    finally:
-        net.train(was_training)
-    return torch.cat(out)
+    batches = ((normalize_images(images[start:start + batch_size]),
+                keypoints[start:start + batch_size].float())
+               for start in range(0, len(images), batch_size))
+
+    def fused(net: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, k = batch
+        feats = net(x, k).float()
+        if flip:
+            feats = feats + net(x.flip(-1), hflip_keypoints(k, FLIP_PERMUTATION)).float()
+        return nn.functional.normalize(feats, dim=1)
+
+    return predict(backbone_of(model), batches, fused, device=device, amp=amp)
 
 
 def evaluate_pairs(model: nn.Module, pairs: PairSet, batch_size: int = 64,
                    device: torch.device | str = "cpu", flip: bool = True,
-                   folds: int = 10) -> dict[str, float]:
+                   folds: int = 10, amp: str = "none") -> dict[str, float]:
     """insightface 1:1 verification of one pair set → ``{accuracy, accuracy_std, threshold, val,
-    val_std, far}`` (accuracy in [0, 1])."""
-    emb = embed(model, pairs.images, pairs.keypoints, batch_size, device, flip)
+    val_std, far}`` (accuracy in [0, 1]); ``amp`` is the run's ``train.amp``."""
+    emb = embed(model, pairs.images, pairs.keypoints, batch_size, device, flip, amp)
     folds = min(folds, len(pairs))
     result = verification(emb[0::2].numpy(), emb[1::2].numpy(), pairs.issame.numpy(), folds=folds)
     return {k: float(v) for k, v in result.items()}

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from kpt.data.keypoints import fill_missing
+
 from ..align import ARCFACE_TEMPLATE_112
 from .net import RetinaFace, prior_boxes
 from .weights import build_retinaface
@@ -317,7 +319,7 @@ class RetinaFaceKeypoints(nn.Module):
         corners = (corners * (size + 2 * pad) - pad) / size
         found = scores[rows, best] >= self.found_threshold
         fallback = _canonical_keypoints(b, x.device, points.dtype)
-        points = torch.where(found[:, None, None], points, fallback)
+        points = fill_missing(points, found, fallback)
         whole = torch.tensor([[0.0, 0.0], [1.0, 1.0]], device=x.device, dtype=corners.dtype)
         corners = torch.where(found[:, None, None], corners, whole)
         return corners.reshape(b, 4), points, found, scores[rows, best]
