@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import kpt
-from kpt import plugin as plugin_mod
+from kpt.plugin import discovery as plugin_mod
 from kpt import registry
 from kpt.cli import main
 
