@@ -86,7 +86,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 def test_the_graph_is_read_and_the_finder_sees_a_cycle():
     graph = import_graph()
     assert "kpt.config" in graph and "kpt.engine.trainer" in graph
-    assert "kpt.config" in graph["kpt.engine.trainer"]
+    assert "kpt.config" in graph["kpt.engine.trainer"]  # module level
+    assert "kpt.plugin" in graph["kpt.engine.weights"]  # inside a function (rebuilding a run's model)
+    assert "kpt.config" not in graph["kpt.plugin.contract"]  # only under `if TYPE_CHECKING:`
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) == []
 
@@ -94,3 +96,13 @@ def test_the_graph_is_read_and_the_finder_sees_a_cycle():
 def test_no_import_cycle_inside_kpt():
     cycle = find_cycle(import_graph())
     assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_bottom_layers_import_nothing_above_them():
+    """The names helpers, the version and the errors import no kpt module; the registry only those
+    (it reaches plugin components through a hook that :mod:`kpt.plugin` installs)."""
+    graph = import_graph()
+    for leaf in ("kpt._names", "kpt._version", "kpt.errors"):
+        assert graph[leaf] == set(), f"{leaf} imports {sorted(graph[leaf])}"
+    assert graph["kpt.registry"] <= {"kpt._names", "kpt.errors"}, sorted(graph["kpt.registry"])
+    assert not {"kpt.plugin", "kpt.config"} & graph["kpt.plugin.contract"]
