@@ -7,7 +7,9 @@ detectron2 spirit. Components come from three places, the first two of them lazi
 * ``registry.yaml`` (shipped with kpt): built-in plugins list ``components: {kind: {name: "module:attr"}}``;
   the module is imported only when the name is created.
 * Third-party plugins (entry-point group ``kpt.plugins``) list the same mapping in ``Plugin.components``.
-  They are loaded only when a name is not found among the built-ins, or when everything is listed.
+  They are loaded only when a name is not found among the built-ins, or when everything is listed,
+  through the hook :mod:`kpt.plugin` installs (:func:`add_component_hook`): this module imports no
+  plugin machinery.
 * ``@registry.register()`` decorators in code that is imported (``kpt.models`` registers its backbones).
 
 A third party never silently replaces a built-in: the clash is logged and recorded in
