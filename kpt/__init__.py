@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from kpt import plugin  # noqa: F401 - installs the registry's source of third-party plugin components
+from kpt._version import __version__
 from kpt.registry import create, create_model, list_models
 from kpt.registry import list as list  # explicit re-export: kpt.list is public API (DESIGN §4)
 
-__version__ = "0.1.0"
 # `list` stays out of __all__: a star import must not shadow the builtin (use kpt.list).
 __all__ = ["__version__", "create", "create_model", "list_models", "load_model"]
 

@@ -64,7 +64,7 @@ class _Parser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        from kpt.registry import did_you_mean
+        from kpt._names import did_you_mean
 
         hint = ""
         bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
@@ -292,7 +292,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_new_plugin(args: argparse.Namespace) -> int:
-    from kpt.templates import write_plugin_package
+    from kpt.plugin.scaffold import write_plugin_package
 
     folder = write_plugin_package(args.name, Path(args.out))
     print(f"wrote {folder}\nnext:\n  pip install -e {folder}\n  kpt plugins check {args.name}\n"
@@ -306,7 +306,7 @@ def _versions() -> str:
     import timm
     import torch
 
-    from kpt import __version__
+    from kpt._version import __version__
 
     return (f"kpt {__version__}, torch {torch.__version__}, timm {timm.__version__}, "
             f"python {platform.python_version()}")
@@ -347,7 +347,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _unknown_arguments(unknown: list[str], command: str | None) -> None:
     """Raise :class:`CliError` for arguments no parser took, suggesting the closest flag."""
-    from kpt.registry import did_you_mean
+    from kpt._names import did_you_mean
 
     sub = _SUBPARSERS.get(command or "")
     flags = [*(sub._option_string_actions if sub else {}), "--debug", "--version", "--help"]

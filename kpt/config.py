@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from kpt._names import did_you_mean
 from kpt.errors import DataError, UserError
-from kpt.registry import did_you_mean
 
 if TYPE_CHECKING:
     from kpt.plugin import Plugin

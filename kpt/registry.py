@@ -7,7 +7,9 @@ detectron2 spirit. Components come from three places, the first two of them lazi
 * ``registry.yaml`` (shipped with kpt): built-in plugins list ``components: {kind: {name: "module:attr"}}``;
   the module is imported only when the name is created.
 * Third-party plugins (entry-point group ``kpt.plugins``) list the same mapping in ``Plugin.components``.
-  They are loaded only when a name is not found among the built-ins, or when everything is listed.
+  They are loaded only when a name is not found among the built-ins, or when everything is listed,
+  through the hook :mod:`kpt.plugin` installs (:func:`add_component_hook`): this module imports no
+  plugin machinery.
 * ``@registry.register()`` decorators in code that is imported (``kpt.models`` registers its backbones).
 
 A third party never silently replaces a built-in: the clash is logged and recorded in
@@ -16,15 +18,16 @@ A third party never silently replaces a built-in: the clash is logged and record
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import importlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from kpt._names import did_you_mean, import_object
 
 logger = logging.getLogger(__name__)
 
@@ -43,39 +46,6 @@ class RegistryError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
-
-
-def did_you_mean(name: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
-    """Return ``" Did you mean 'x'?"`` for the closest choice, or ``""`` when nothing is close."""
-    close = difflib.get_close_matches(str(name), sorted(map(str, choices)), n=3, cutoff=0.6)
-    if not close:
-        return ""
-    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
-
-
-def import_object(target: str, what: str = "") -> Any:
-    """Import ``"package.module:attr.sub"`` and return the attribute.
-
-    Raises:
-        ImportError: naming ``what`` (who asked for it) and the target, with the original error.
-    """
-    module_name, sep, attr_path = target.partition(":")
-    if not sep or not module_name or not attr_path:
-        raise ImportError(f"{what or 'component'}: target {target!r} must look like 'module:attr'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # third-party code may even call sys.exit() on import
-        raise ImportError(f"{what or target}: cannot import module {module_name!r}: "
-                          f"{type(exc).__name__}: {exc}") from exc
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as exc:
-            raise ImportError(f"{what or target}: module {module_name!r} has no attribute "
-                              f"{attr_path!r}") from exc
-    return obj
 
 
 _BUILTIN_MODULES = ("kpt", "kpt_plugins")
@@ -343,23 +313,28 @@ def load_builtin_components() -> None:
         register_components(entry["components"], f"builtin plugin {plugin_name}")
 
 
+#: Sources of third-party components, each ``() -> [(components, source), ...]`` with ``components``
+#: as in :func:`register_components`. :mod:`kpt.plugin` adds the one that reads the installed plugins,
+#: so that this module never imports plugin code (nor the plugin machinery) itself.
+ComponentHook = Callable[[], Iterable[tuple[Mapping, str]]]
+_COMPONENT_HOOKS: list[ComponentHook] = []
+
+
+def add_component_hook(hook: ComponentHook) -> None:
+    """Register a source of third-party components, read once by :func:`load_plugin_components`."""
+    if hook not in _COMPONENT_HOOKS:
+        _COMPONENT_HOOKS.append(hook)
+
+
 def load_plugin_components() -> None:
     """Register the components of third-party plugins (once; imports their plugin objects)."""
     global _PLUGINS_LOADED
     if _PLUGINS_LOADED:
         return
     _PLUGINS_LOADED = True
-    from kpt.plugin import discover_plugins  # late: plugin.py imports this module
-
-    for entry in discover_plugins().values():
-        if entry.builtin:
-            continue
-        plugin = entry.load(raise_errors=False)
-        if plugin is None:
-            logger.warning("skipping the components of a broken plugin: %s", entry.error)
-        else:
-            register_components(dict(getattr(plugin, "components", {}) or {}),
-                                f"plugin {entry.name} ({entry.package})")
+    for hook in tuple(_COMPONENT_HOOKS):  # (`list` is this module's public function)
+        for components, source in hook():
+            register_components(dict(components or {}), source)
 
 
 def reset() -> None:

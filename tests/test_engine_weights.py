@@ -315,3 +315,26 @@ def test_stale_temp_files_are_those_of_dead_writers(tmp_path):
     # a write of that file removes its dead writer's leftover, and only that
     save_model(_vit(), tmp_path / "weights.safetensors")
     assert not stale.exists() and live.exists() and other.exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the pid liveness probe is POSIX only")
+def test_stale_temp_files_of_owned_names_include_the_older_forms_when_the_lock_is_held(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead, mine = int(proc.stdout), os.getpid()
+    names = {n: tmp_path / n for n in (
+        f".last.pt.tmp-{dead}", "weights.safetensors.tmp", f"best.pt.tmp-{dead}",
+        f".last.pt.tmp-{mine}", ".last.pt.tmp-1", f".notes.txt.tmp-{dead}", "notes.tmp")}
+    for path in names.values():
+        path.write_bytes(b"partial")
+    owned = {"last.pt", "best.pt", "weights.safetensors"}.__contains__
+    # without the lock: only dead pids, of owned names, in any form
+    assert [p.name for p in stale_temp_files(tmp_path, owned)] == [
+        f".last.pt.tmp-{dead}", f"best.pt.tmp-{dead}"]
+    # with it: also no pid and this process's own; never a live writer's or a name not owned
+    assert [p.name for p in stale_temp_files(tmp_path, owned, lock_held=True)] == sorted([
+        f".last.pt.tmp-{dead}", f".last.pt.tmp-{mine}", f"best.pt.tmp-{dead}",
+        "weights.safetensors.tmp"])
+    # atomic_write's own form only when no names are given
+    assert [p.name for p in stale_temp_files(tmp_path)] == sorted([
+        f".last.pt.tmp-{dead}", f".notes.txt.tmp-{dead}"])

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 import kpt
-from kpt import plugin as plugin_mod
 from kpt import registry
 from kpt.cli import main
+from kpt.plugin import discovery as plugin_mod
 
 _PLUGIN_SOURCE = """
 from kpt.plugin import Plugin

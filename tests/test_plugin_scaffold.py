@@ -15,7 +15,7 @@ import pytest
 import tiny_plugin as tiny
 
 from kpt.cli import main
-from kpt.templates import write_plugin_package
+from kpt.plugin.scaffold import write_plugin_package
 
 
 def test_scaffold_files_and_name_rules(tmp_path, capsys):

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import kpt
-from kpt import plugin as plugin_mod
 from kpt import registry
 from kpt.data.safe_pickle import NUMPY_ARRAY_GLOBALS, UnsafePickleError, restricted_load
 from kpt.plugin import Plugin, PluginError, load_plugin, validate_plugin
+from kpt.plugin import discovery as plugin_mod
 
 
 def test_register_create_list_and_did_you_mean():

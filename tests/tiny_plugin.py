@@ -106,7 +106,7 @@ PLUGIN = Plugin(name="tiny", description="toolkit test plugin: blobs left or rig
 
 def register_in_process(monkeypatch) -> None:
     """Make ``tiny`` discoverable in this process (as if installed through an entry point)."""
-    from kpt import plugin as plugin_mod
+    from kpt.plugin import discovery as plugin_mod
 
     found = dict(plugin_mod.discover_plugins(refresh=True))
     entry = plugin_mod.PluginEntry("tiny", "tiny_plugin:PLUGIN", builtin=False,

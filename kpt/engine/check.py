@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kpt._names import import_object
 from kpt.config import build_config, validate_config
 from kpt.data.keypoints import check_keypoints
 from kpt.data.samplers import ShardedBatchSampler
@@ -26,7 +27,6 @@ from kpt.engine.optim import build_optimizer
 from kpt.engine.seeding import seed_everything
 from kpt.engine.trainer import evaluate_model, split_step_output
 from kpt.plugin import Plugin, TaskData, load_plugin
-from kpt.registry import import_object
 
 logger = logging.getLogger(__name__)
 

@@ -63,7 +63,7 @@ def header_lines(plugin_name: str, device: torch.device, world_size: int, model:
     """The lines printed before training (versions, device, model size, data sizes)."""
     import timm
 
-    from kpt import __version__
+    from kpt._version import __version__
 
     trainable, total = count_parameters(model)
     dev = str(device)

@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
+from kpt.engine.atomic import pid_alive, stale_temp_files
 from kpt.errors import UserError
 
 try:
@@ -44,9 +45,6 @@ LOCK_NAME = ".kpt.lock"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt",
              "weights.safetensors")
 _SHARD = re.compile(r"^(last|best)\.step\d+\.rank\d+\.pt$")
-# Temporary files of the atomic writers: ``.last.pt.tmp-PID`` (checkpoint.atomic_write),
-# ``weights.safetensors.tmp`` (older writers), with or without the leading dot and the pid.
-_TMP = re.compile(r"^\.?(?P<base>.+?)\.tmp(?:-(?P<pid>\d+))?$")
 
 
 class RunDirError(UserError, FileExistsError):
@@ -82,44 +80,27 @@ def run_files(folder: str | Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir()
-                  if p.name in RUN_FILES or _SHARD.match(p.name))
+    return sorted(p.name for p in folder.iterdir() if _is_run_file(p.name))
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a running process on this host (True when that cannot be told)."""
-    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by another user
-        return True
-    return True
+def _is_run_file(name: str) -> bool:
+    return name in RUN_FILES or _SHARD.match(name) is not None
 
 
 def clean_stale_tmp(folder: str | Path) -> list[Path]:
     """Delete temporary files of the run writers left in ``folder`` by processes that are gone.
 
     Call it while holding the folder's :class:`RunLock`: then no other run writes here, so a temporary
-    file without a pid (or with this process's pid, from an earlier run in the same process) is stale
-    too. Files of a pid that still lives on this host are left alone.
+    file without a pid (``weights.safetensors.tmp`` of older writers) or with this process's pid (from
+    an earlier run in the same process) is stale too. Files of a pid that still lives on this host are
+    left alone, and only temporary copies of run files (``RUN_FILES`` and checkpoint shards) are
+    considered. :func:`kpt.engine.atomic.stale_temp_files` finds them.
 
     Returns:
         The deleted paths.
     """
     removed: list[Path] = []
-    folder = Path(folder)
-    if not folder.is_dir():
-        return removed
-    for path in folder.iterdir():
-        m = _TMP.match(path.name)
-        if not m or not (m["base"] in RUN_FILES or _SHARD.match(m["base"])) or not path.is_file():
-            continue
-        pid = int(m["pid"]) if m["pid"] else None
-        if pid is not None and pid != os.getpid() and _pid_alive(pid):
-            continue
+    for path in stale_temp_files(folder, owned=_is_run_file, lock_held=True):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed.append(path)
@@ -209,7 +190,7 @@ class RunLock:
             except FileExistsError:
                 holder = _read_holder(self._read_text())
                 pid, host = holder.get("pid"), holder.get("host")
-                if isinstance(pid, int) and host == socket.gethostname() and not _pid_alive(pid):
+                if isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid):
                     logger.warning("%s: taking over the stale lock of pid %s", self.path, pid)
                     self.path.unlink(missing_ok=True)
                     continue

@@ -146,7 +146,7 @@ class Trainer:
             rng_all = gathered
         else:
             rng_all = [rng]
-        from kpt import __version__
+        from kpt._version import __version__
 
         return {
             "format": ckpt_io.CHECKPOINT_FORMAT, "version": ckpt_io.CHECKPOINT_VERSION,

@@ -22,7 +22,6 @@ import json
 import logging
 import pickle
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kpt._version import __version__
 from kpt.engine.atomic import atomic_write
 from kpt.errors import UserError
 
@@ -211,11 +211,6 @@ def check_fit(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path,
                               "for another model config")
 
 
-def _kpt_version() -> str:
-    # the package is imported before any of its modules; reading it here adds no import edge
-    return str(getattr(sys.modules.get("kpt"), "__version__", "0"))
-
-
 def _unshared_state(model: nn.Module, exclude: set[str]) -> dict[str, torch.Tensor]:
     """State dict on the CPU without ``exclude`` and with tied tensors stored once.
 
@@ -237,7 +232,7 @@ def _unshared_state(model: nn.Module, exclude: set[str]) -> dict[str, torch.Tens
 def _write_weights(path: Path, state: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
     """Write ``state`` with ``header`` (strings) atomically; the suffix picks safetensors or torch."""
     header = {"format": WEIGHTS_FORMAT, "version": str(WEIGHTS_VERSION),
-              "kpt_version": _kpt_version(), **header}
+              "kpt_version": __version__, **header}
     if path.suffix == ".safetensors":
         from safetensors.torch import save
 

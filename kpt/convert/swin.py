@@ -1,6 +1,6 @@
 """Convert official CVLface Swin-V2-KPRPE checkpoints (reference kprpe.md §4-5) into kpt models.
 
-Called by :func:`kpt.convert.convert_cvlface` when the source holds ``net.features.0.0.weight``.
+Used by :func:`kpt.convert.convert_cvlface` when the source holds ``net.features.0.0.weight``.
 Official layout (torchvision-style Swin with a flat ``features`` list):
 
 ===================================  ==========================================================
@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import Tensor
 
-from kpt.convert import ConversionError
+from kpt.convert.common import ConversionError
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,9 @@ import keyword
 import re
 from pathlib import Path
 
-TEMPLATE_DIR = Path(__file__).with_name("plugin")
+from kpt._version import __version__
+
+TEMPLATE_DIR = Path(__file__).with_name("templates")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -37,8 +39,6 @@ def write_plugin_package(name: str, parent: Path | str = ".") -> Path:
     Raises:
         ValueError: bad name. FileExistsError: the folder exists (nothing is overwritten).
     """
-    from kpt import __version__
-
     if not _NAME_RE.match(name) or keyword.iskeyword(name):
         raise ValueError(f"plugin name {name!r}: use lowercase letters, digits and '_' (starting with "
                          f"a letter), e.g. 'xray' or 'hand_pose'")
