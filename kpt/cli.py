@@ -189,8 +189,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     ns = parser.parse_args(args.rest)
     ns.config = []
-    if ns.checkpoint and "=" in ns.checkpoint and ns.weights:  # `--weights W key=value`
-        ns.overrides, ns.checkpoint = [ns.checkpoint, *ns.overrides], None
+    if ns.checkpoint and "=" in ns.checkpoint and not Path(ns.checkpoint).exists():
+        ns.overrides, ns.checkpoint = [ns.checkpoint, *ns.overrides], None  # `--weights W k=v`
     if bool(ns.checkpoint) == bool(ns.weights):
         raise CliError(f"kpt eval {args.domain}: give the weights once, as CHECKPOINT or as "
                        f"--weights W" + (" (not both)" if ns.checkpoint else ""))

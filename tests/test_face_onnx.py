@@ -1,0 +1,313 @@
+"""Foreign face weights in `kpt eval face` / `kpt predict face`: ONNX recognisers (also graphs
+with initializers listed as inputs or a dangling input) and insightface / AdaFace IResNets."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kpt.cli import main
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+class TinyRecognizer(nn.Module):
+    """112×112 RGB → 8-d embedding, small enough to export and run in milliseconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 5, stride=8, padding=2)
+        self.fc = nn.Linear(4 * 14 * 14, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def _export(model: nn.Module, path, batch: int = 2, dynamic: bool = True, **kwargs) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(batch, 3, 112, 112),), str(path),
+                          input_names=["data"], output_names=["embedding"], opset_version=17,
+                          dynamic_axes={"data": {0: "batch"}} if dynamic else None,
+                          dynamo=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    model = TinyRecognizer().eval()
+    root = tmp_path_factory.mktemp("onnx")
+    _export(model, root / "plain.onnx")
+    return model, root
+
+
+def _pixels(n: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 112, 112), generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.uint8).float()
+
+
+def _plugin_input(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels / 127.5 - 1.0  # what the face plugin feeds backbones: (x/255 − 0.5)/0.5
+
+
+@pytest.mark.parametrize(("mean", "std"), [(127.5, 127.5), (0.0, 1.0), (104.0, 58.0)])
+def test_normalisation_options_feed_the_model_as_configured(tiny, mean, std):
+    from kpt_plugins.face.onnx_recognizer import OnnxRecognizer
+
+    model, root = tiny
+    rec = OnnxRecognizer(root / "plain.onnx", input_mean=mean, input_std=std)
+    pixels = _pixels()
+    got = rec(_plugin_input(pixels), torch.rand(3, 5, 2))
+    with torch.no_grad():
+        expected = model((pixels - mean) / std)
+    assert got.shape == (3, 8) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_default_normalisation_is_insightface(tiny):
+    from kpt_plugins.face.onnx_recognizer import OnnxRecognizer
+
+    model, root = tiny
+    pixels = _pixels(2, seed=1)
+    default = OnnxRecognizer(root / "plain.onnx")(_plugin_input(pixels))
+    raw = OnnxRecognizer(root / "plain.onnx", 0.0, 1.0)(_plugin_input(pixels))
+    with torch.no_grad():
+        torch.testing.assert_close(default, model((pixels - 127.5) / 127.5), rtol=1e-4,
+                                   atol=1e-4)
+    assert (default - raw).abs().max() > 1e-2  # the option reaches the model
+
+
+def test_initializers_listed_as_inputs(tiny, tmp_path):
+    from kpt_plugins.face.onnx_recognizer import OnnxRecognizer
+
+    model, _ = tiny
+    path = tmp_path / "init_inputs.onnx"
+    _export(model, path, keep_initializers_as_inputs=True)
+    listed = [i.name for i in onnx.load(str(path)).graph.input]
+    assert len(listed) > 1  # the export really lists the weights as inputs
+    rec = OnnxRecognizer(path)
+    assert rec.input_name == "data"
+    pixels = _pixels(2, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(rec(_plugin_input(pixels)), model((pixels - 127.5) / 127.5),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_dangling_input_is_stripped(tiny, tmp_path):
+    from kpt_plugins.face.onnx_recognizer import OnnxRecognizer
+
+    model, root = tiny
+    proto = onnx.load(str(root / "plain.onnx"))
+    proto.graph.input.insert(0, onnx.helper.make_tensor_value_info(
+        "unused_scale", onnx.TensorProto.FLOAT, [1]))
+    path = tmp_path / "dangling.onnx"
+    onnx.save(proto, str(path))
+    x = _plugin_input(_pixels(2, seed=3))
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="unused_scale"):  # onnxruntime alone refuses it
+        plain.run(None, {"data": x.numpy()})
+    rec = OnnxRecognizer(path)
+    assert rec.input_name == "data"
+    with torch.no_grad():
+        torch.testing.assert_close(rec(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fixed_batch_of_one_and_other_input_size(tmp_path):
+    from kpt_plugins.face.onnx_recognizer import OnnxRecognizer
+
+    torch.manual_seed(1)
+    model = TinyRecognizer().eval()
+    path = tmp_path / "batch1.onnx"
+    _export(model, path, batch=1, dynamic=False)
+    rec = OnnxRecognizer(path)
+    x = _plugin_input(_pixels(3, seed=4))
+    with torch.no_grad():
+        torch.testing.assert_close(rec(x), model(x), rtol=1e-4, atol=1e-4)
+        # a 224×224 crop is resized to the graph's fixed 112×112
+        big = nn.functional.interpolate(x, size=224, mode="nearest")
+        assert rec(big).shape == (3, 8)
+
+
+def test_graph_with_two_read_inputs_is_a_clear_error(tmp_path):
+    from kpt_plugins.face.onnx_recognizer import OnnxModelError, OnnxRecognizer
+
+    class TwoInputs(nn.Module):
+        def forward(self, x, y):
+            return x.flatten(1)[:, :4] + y
+
+    path = tmp_path / "two.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TwoInputs(), (torch.randn(1, 3, 112, 112), torch.randn(1, 4)),
+                          str(path), input_names=["data", "extra"], dynamo=False)
+    with pytest.raises(OnnxModelError, match=r"two.onnx.*2 inputs.*extra"):
+        OnnxRecognizer(path)
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
+    with pytest.raises(OnnxModelError, match="junk.onnx"):
+        OnnxRecognizer(tmp_path / "junk.onnx")
+
+
+def test_missing_onnxruntime_is_a_clear_message(tiny, monkeypatch):
+    import builtins
+
+    from kpt_plugins.face.onnx_recognizer import OnnxRecognizer
+
+    from kpt.errors import UserError
+
+    real_import = builtins.__import__
+
+    def no_ort(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    with pytest.raises(UserError, match=r"pip install 'kpt\[onnx\]'"):
+        OnnxRecognizer(tiny[1] / "plain.onnx")
+
+
+# ------------------------------------------------------------------------------------ CLI
+_EVAL = ["eval.synthetic_pairs=20", "eval.protocols=[aligned]", "eval.flip=false",
+         "data.num_identities=4", "data.images_per_identity=2"]
+
+
+def test_eval_face_with_onnx_weights(tiny, tmp_path):
+    _, root = tiny
+    out = tmp_path / "metrics.json"
+    weights = str(root / "plain.onnx")
+    assert main(["eval", "face", "--weights", weights, *_EVAL, "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert 0.0 <= metrics["aligned_accuracy"] <= 1.0
+    # the normalisation options reach the model: raw pixels give other embeddings
+    out3 = tmp_path / "metrics3.json"
+    assert main(["eval", "face", "--weights", weights, *_EVAL, "eval.input_mean=0",
+                 "eval.input_std=1", "--json", str(out3)]) == 0
+    assert json.loads(out3.read_text())["synthetic-aligned/threshold"] != \
+        metrics["synthetic-aligned/threshold"]
+
+
+def test_eval_weights_given_twice_or_not_at_all(tiny, capsys):
+    weights = str(tiny[1] / "plain.onnx")
+    assert main(["eval", "face", weights, "--weights", weights]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["eval", "face", *_EVAL]) == 2
+    assert "--weights" in capsys.readouterr().err
+
+
+def test_predict_face_with_onnx_weights(tiny, tmp_path, capsys):
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    face = skimage_data.astronaut()
+    Image.fromarray(face).save(tmp_path / "a.png")
+    Image.fromarray(np.ascontiguousarray(face[:, ::-1])).save(tmp_path / "b.png")
+    args = ["predict", "face", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
+            "--weights", str(tiny[1] / "plain.onnx"), "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert -1.0 <= result["similarity"] <= 1.0 and result["weights"].endswith("plain.onnx")
+    assert main([*args, "--input-mean", "0", "--input-std", "1"]) == 0
+    raw = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert raw["similarity"] != pytest.approx(result["similarity"], abs=1e-6)
+
+
+# ------------------------------------------------------------------ insightface / AdaFace IResNet
+_LAYERS = (2, 1, 2, 1)  # not a named depth: the depth must come from the keys
+
+
+def _reference_iresnet() -> nn.Module:
+    """A small IResNet with random BatchNorm statistics (a wrong mapping cannot hide)."""
+    from kpt_plugins.face.iresnet import iresnet18
+
+    torch.manual_seed(3)
+    model = iresnet18(layers=_LAYERS, widths=(8, 16, 24, 32), num_classes=16, img_size=112)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                mod.running_mean.normal_(0, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.2)
+        model.features.bias.zero_()  # AdaFace's last BatchNorm has no affine shift
+        # AdaFace's first block halves the resolution with MaxPool2d(1, 2): an identity 1×1
+        # conv + identity BN here, so that both files describe the same function
+        conv, bn = model.layer1[0].downsample
+        conv.weight.copy_(torch.eye(8)[:, :, None, None])
+        bn.weight.fill_(1.0), bn.bias.zero_(), bn.running_mean.zero_()
+        bn.running_var.fill_(1.0 - bn.eps)
+    return model.eval()
+
+
+def _adaface_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s weights in AdaFace's net.py names (BGR input), as its Lightning .ckpt holds."""
+    sd = model.state_dict()
+    out = {"input_layer.0.weight": sd["conv1.weight"].flip(1),
+           "input_layer.2.weight": sd["prelu.weight"]}
+
+    def copy(src: str, dst: str) -> None:
+        for key, value in sd.items():
+            if key.startswith(src + "."):
+                out[dst + key[len(src):]] = value
+
+    copy("bn1", "input_layer.1")
+    k = 0
+    for stage, blocks in enumerate(_LAYERS, start=1):
+        for j in range(blocks):
+            for index, name in enumerate(("bn1", "conv1", "bn2", "prelu", "conv2", "bn3")):
+                copy(f"layer{stage}.{j}.{name}", f"body.{k}.res_layer.{index}")
+            if (stage, j) != (1, 0):
+                copy(f"layer{stage}.{j}.downsample", f"body.{k}.shortcut_layer")
+            k += 1
+    copy("bn2", "output_layer.0")
+    copy("fc", "output_layer.3")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        out[f"output_layer.4.{name}"] = sd[f"features.{name}"]
+    state = {f"model.{key}": value for key, value in out.items()}
+    state["head.kernel"] = torch.randn(16, 7)  # the margin head, not part of the backbone
+    return state
+
+
+def test_arcface_torch_and_adaface_files_load_into_equal_models(tmp_path):
+    from kpt_plugins.face.iresnet_weights import load_iresnet_weights
+
+    ref = _reference_iresnet()
+    torch.save({f"module.{k}": v for k, v in ref.state_dict().items()}, tmp_path / "backbone.pth")
+    torch.save({"state_dict": _adaface_state(ref), "epoch": 3, "global_step": 120},
+               tmp_path / "adaface_ir.ckpt")
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        expected = ref(x)
+        for name in ("backbone.pth", "adaface_ir.ckpt"):
+            model = load_iresnet_weights(tmp_path / name)
+            assert [len(getattr(model, f"layer{i}")) for i in (1, 2, 3, 4)] == list(_LAYERS)
+            torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+        # the BGR → RGB flip matters: the un-flipped stem gives another function
+        assert (load_iresnet_weights(tmp_path / "adaface_ir.ckpt")(x.flip(1)) - expected
+                ).abs().max() > 1e-3
+
+
+def test_eval_takes_insightface_weights(tmp_path, capsys):
+    ref = _reference_iresnet()
+    torch.save(ref.state_dict(), tmp_path / "backbone.pth")
+    out = tmp_path / "m.json"
+    assert main(["eval", "face", "--weights", str(tmp_path / "backbone.pth"), *_EVAL,
+                 "--json", str(out)]) == 0
+    assert 0.0 <= json.loads(out.read_text())["aligned_accuracy"] <= 1.0
+
+
+def test_unknown_weights_layout_names_the_file(tmp_path, capsys):
+    import argparse
+
+    torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    assert main(["eval", "face", "--weights", str(tmp_path / "other.pth"), *_EVAL]) == 2
+    err = capsys.readouterr().err
+    assert "other.pth" in err and "unknown weights layout" in err and "AdaFace" in err
+    torch.save({"state_dict": {}, "hparams": argparse.Namespace(lr=1)}, tmp_path / "pickled.ckpt")
+    assert main(["eval", "face", "--weights", str(tmp_path / "pickled.ckpt"), *_EVAL]) == 2
+    err = capsys.readouterr().err
+    assert "pickled.ckpt" in err and "weights_only=True" in err
