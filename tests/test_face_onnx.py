@@ -311,3 +311,33 @@ def test_unknown_weights_layout_names_the_file(tmp_path, capsys):
     assert main(["eval", "face", "--weights", str(tmp_path / "pickled.ckpt"), *_EVAL]) == 2
     err = capsys.readouterr().err
     assert "pickled.ckpt" in err and "weights_only=True" in err
+
+
+# ------------------------------------------------------------- the core hook (any plugin)
+def test_core_eval_routes_other_files_to_plugin_load_weights(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    import tiny_plugin as tiny
+
+    foreign = tmp_path / "model.foreign"
+    foreign.write_bytes(b"weights of another framework")
+    tiny.register_in_process(monkeypatch)
+    assert main(["eval", "tiny", "--weights", str(foreign)]) == 2  # no hook: kpt's own error
+    assert "not a kpt weights file" in capsys.readouterr().err
+
+    seen = []
+
+    def load_weights(path, cfg):
+        seen.append((path.name, cfg.model.hidden))
+        return None if path.suffix == ".declined" else tiny.build_model(cfg, {})
+
+    monkeypatch.setattr(tiny, "PLUGIN", dataclasses.replace(tiny.PLUGIN, load_weights=load_weights))
+    tiny.register_in_process(monkeypatch)
+    out = tmp_path / "m.json"
+    assert main(["eval", "tiny", "--weights", str(foreign), "model.hidden=8", "--json",
+                 str(out)]) == 0
+    assert seen == [("model.foreign", 8)] and "accuracy" in json.loads(out.read_text())
+    declined = tmp_path / "model.declined"
+    declined.write_bytes(b"x")
+    assert main(["eval", "tiny", str(declined)]) == 2  # the hook declines: kpt's error again
+    assert "not a kpt weights file" in capsys.readouterr().err
