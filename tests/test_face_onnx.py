@@ -298,6 +298,12 @@ def test_eval_takes_insightface_weights(tmp_path, capsys):
     assert main(["eval", "face", "--weights", str(tmp_path / "backbone.pth"), *_EVAL,
                  "--json", str(out)]) == 0
     assert 0.0 <= json.loads(out.read_text())["aligned_accuracy"] <= 1.0
+    from kpt_plugins.face.predict import load_face_backbone  # what `kpt predict face` loads
+
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(load_face_backbone(tmp_path / "backbone.pth")(x), ref(x),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_unknown_weights_layout_names_the_file(tmp_path, capsys):

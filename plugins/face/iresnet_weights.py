@@ -64,6 +64,9 @@ def read_state_file(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise IResNetWeightsError(f"{path}: no such file; {_EXPECTED}")
+    if path.stat().st_size == 0:
+        raise IResNetWeightsError(f"{path} is empty (0 bytes): its write never completed; "
+                                  f"{_EXPECTED}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
