@@ -221,74 +221,83 @@ def test_predict_face_with_onnx_weights(tiny, tmp_path, capsys):
 _LAYERS = (2, 1, 2, 1)  # not a named depth: the depth must come from the keys
 
 
-def _reference_iresnet() -> nn.Module:
-    """A small IResNet with random BatchNorm statistics (a wrong mapping cannot hide)."""
-    from kpt_plugins.face.iresnet import iresnet18
-
-    torch.manual_seed(3)
-    model = iresnet18(layers=_LAYERS, widths=(8, 16, 24, 32), num_classes=16, img_size=112)
+def _randomise_batchnorm(model: nn.Module) -> nn.Module:
+    """Random BatchNorm statistics and shifts, so that a wrong mapping cannot hide."""
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
                 mod.running_mean.normal_(0, 0.2)
                 mod.running_var.uniform_(0.5, 1.5)
-                mod.bias.normal_(0, 0.2)
-        model.features.bias.zero_()  # AdaFace's last BatchNorm has no affine shift
-        # AdaFace's first block halves the resolution with MaxPool2d(1, 2): an identity 1×1
-        # conv + identity BN here, so that both files describe the same function
-        conv, bn = model.layer1[0].downsample
-        conv.weight.copy_(torch.eye(8)[:, :, None, None])
-        bn.weight.fill_(1.0), bn.bias.zero_(), bn.running_mean.zero_()
-        bn.running_var.fill_(1.0 - bn.eps)
+                if mod.affine:
+                    mod.bias.normal_(0, 0.2)
     return model.eval()
 
 
-def _adaface_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s weights in AdaFace's net.py names (BGR input), as its Lightning .ckpt holds."""
-    sd = model.state_dict()
-    out = {"input_layer.0.weight": sd["conv1.weight"].flip(1),
-           "input_layer.2.weight": sd["prelu.weight"]}
+def _reference_iresnet() -> nn.Module:
+    """A small kpt IResNet (arcface_torch's module names) with random BatchNorm statistics."""
+    from kpt_plugins.face.iresnet import iresnet18
 
-    def copy(src: str, dst: str) -> None:
-        for key, value in sd.items():
-            if key.startswith(src + "."):
-                out[dst + key[len(src):]] = value
+    torch.manual_seed(3)
+    return _randomise_batchnorm(iresnet18(layers=_LAYERS, widths=(8, 16, 24, 32),
+                                          num_classes=16, img_size=112))
 
-    copy("bn1", "input_layer.1")
-    k = 0
-    for stage, blocks in enumerate(_LAYERS, start=1):
-        for j in range(blocks):
-            for index, name in enumerate(("bn1", "conv1", "bn2", "prelu", "conv2", "bn3")):
-                copy(f"layer{stage}.{j}.{name}", f"body.{k}.res_layer.{index}")
-            if (stage, j) != (1, 0):
-                copy(f"layer{stage}.{j}.downsample", f"body.{k}.shortcut_layer")
-            k += 1
-    copy("bn2", "output_layer.0")
-    copy("fc", "output_layer.3")
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        out[f"output_layer.4.{name}"] = sd[f"features.{name}"]
-    state = {f"model.{key}": value for key, value in out.items()}
-    state["head.kernel"] = torch.randn(16, 7)  # the margin head, not part of the backbone
-    return state
+
+class _AdaFaceBlock(nn.Module):
+    """The structure of AdaFace net.py ``BasicBlockIR`` (its module names come from it)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.shortcut_layer = nn.MaxPool2d(1, stride) if c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.res_layer = nn.Sequential(
+            nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(c_out), nn.PReLU(c_out), nn.Conv2d(c_out, c_out, 3, stride, 1,
+                                                              bias=False),
+            nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res_layer(x) + self.shortcut_layer(x)
+
+
+class _AdaFaceIR(nn.Module):
+    """The structure of AdaFace net.py ``Backbone`` (IR, 112×112): BGR input in [−1, 1]."""
+
+    def __init__(self, widths=(8, 16, 24, 32), dim: int = 16) -> None:
+        super().__init__()
+        self.input_layer = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+                                         nn.BatchNorm2d(widths[0]), nn.PReLU(widths[0]))
+        blocks, c_in = [], widths[0]
+        for n, c_out in zip(_LAYERS, widths):
+            blocks += [_AdaFaceBlock(c_in, c_out, 2)] + [_AdaFaceBlock(c_out, c_out, 1)
+                                                         for _ in range(n - 1)]
+            c_in = c_out
+        self.body = nn.Sequential(*blocks)
+        self.output_layer = nn.Sequential(nn.BatchNorm2d(c_in), nn.Dropout(0.4), nn.Flatten(),
+                                          nn.Linear(c_in * 7 * 7, dim),
+                                          nn.BatchNorm1d(dim, affine=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_layer(self.body(self.input_layer(x)))
 
 
 def test_arcface_torch_and_adaface_files_load_into_equal_models(tmp_path):
     from kpt_plugins.face.iresnet_weights import load_iresnet_weights
 
     ref = _reference_iresnet()
+    torch.manual_seed(4)
+    ada = _randomise_batchnorm(_AdaFaceIR())
     torch.save({f"module.{k}": v for k, v in ref.state_dict().items()}, tmp_path / "backbone.pth")
-    torch.save({"state_dict": _adaface_state(ref), "epoch": 3, "global_step": 120},
-               tmp_path / "adaface_ir.ckpt")
-    x = torch.randn(2, 3, 112, 112)
+    state = {f"model.{k}": v for k, v in ada.state_dict().items()}
+    state["head.kernel"] = torch.randn(16, 7)  # AdaFace's margin head: not part of the backbone
+    torch.save({"state_dict": state, "epoch": 3, "global_step": 120}, tmp_path / "adaface.ckpt")
+    x = torch.randn(2, 3, 112, 112)  # RGB, as kpt feeds its models
     with torch.no_grad():
-        expected = ref(x)
-        for name in ("backbone.pth", "adaface_ir.ckpt"):
+        for name, expected in (("backbone.pth", ref(x)), ("adaface.ckpt", ada(x.flip(1)))):
             model = load_iresnet_weights(tmp_path / name)
             assert [len(getattr(model, f"layer{i}")) for i in (1, 2, 3, 4)] == list(_LAYERS)
             torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
-        # the BGR → RGB flip matters: the un-flipped stem gives another function
-        assert (load_iresnet_weights(tmp_path / "adaface_ir.ckpt")(x.flip(1)) - expected
-                ).abs().max() > 1e-3
+        # the BGR → RGB flip matters: the AdaFace model on RGB is another function
+        assert (ada(x) - ada(x.flip(1))).abs().max() > 1e-3
 
 
 def test_eval_takes_insightface_weights(tmp_path, capsys):
