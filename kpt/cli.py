@@ -108,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
 
     p = sub.add_parser("eval", help="evaluate a checkpoint",
-                       description="kpt eval DOMAIN CHECKPOINT [--test NAME ...] [key=value ...] "
-                                   "(CHECKPOINT: last.pt/best.pt, a run folder, its "
-                                   "weights.safetensors or a bare model file; or the plugin's own "
+                       description="kpt eval DOMAIN CHECKPOINT|--weights W [--test NAME ...] "
+                                   "[key=value ...] (CHECKPOINT: last.pt/best.pt, a run folder, "
+                                   "its weights.safetensors or a bare model file, or other weights "
+                                   "the plugin reads, e.g. face: model.onnx; or the plugin's own "
                                    "eval command)")
     p.add_argument("domain")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="checkpoint, --test, overrides")
@@ -177,13 +178,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "eval" in plugin.commands:
         return int(plugin.commands["eval"](list(args.rest)))
     parser = _Parser(prog=f"kpt eval {args.domain}")
-    parser.add_argument("checkpoint", help="run folder, last.pt, best.pt or weights.safetensors")
+    parser.add_argument("checkpoint", nargs="?",
+                        help="run folder, last.pt, best.pt or weights.safetensors (or --weights)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--weights", metavar="W",
+                        help="the same as CHECKPOINT; also weights the plugin reads itself "
+                             "(face: an .onnx recogniser, insightface / AdaFace IResNet files)")
     parser.add_argument("--test", nargs="+")
     parser.add_argument("--data-root")
     parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     ns = parser.parse_args(args.rest)
     ns.config = []
+    if ns.checkpoint and "=" in ns.checkpoint and not Path(ns.checkpoint).exists():
+        ns.overrides, ns.checkpoint = [ns.checkpoint, *ns.overrides], None  # `--weights W k=v`
+    if bool(ns.checkpoint) == bool(ns.weights):
+        raise CliError(f"kpt eval {args.domain}: give the weights once, as CHECKPOINT or as "
+                       f"--weights W" + (" (not both)" if ns.checkpoint else ""))
+    ns.checkpoint = ns.checkpoint or ns.weights
     _split_overrides(ns)
     return _evaluate_checkpoint(plugin, ns)
 
@@ -196,20 +207,40 @@ def _evaluate_checkpoint(plugin: object, ns: argparse.Namespace) -> int:
     from kpt.engine.distributed import init_distributed
     from kpt.engine.progress import configure_logging, metric_table
     from kpt.engine.trainer import evaluate_model
-    from kpt.engine.weights import apply_run_state, read_run_state
+    from kpt.engine.weights import (
+        CheckpointError,
+        apply_run_state,
+        is_model_file,
+        read_run_state,
+        resolve_run_weights,
+    )
 
     configure_logging()
     # a run folder, last.pt / best.pt or weights.safetensors of this plugin, or a bare model file
-    # (`kpt convert` output: evaluated with the plugin's defaults and the overrides)
-    ckpt = read_run_state(ns.checkpoint, plugin.name, allow_bare=True)
+    # (`kpt convert` output: evaluated with the plugin's defaults and the overrides); any other
+    # file goes to the plugin's own reader of foreign weights (Plugin.load_weights), if it has one
+    path = resolve_run_weights(ns.checkpoint)
+    foreign: CheckpointError | None = None
+    try:
+        ckpt = read_run_state(path, plugin.name, allow_bare=True)
+    except CheckpointError as exc:
+        if plugin.load_weights is None or is_model_file(path):
+            raise
+        foreign = exc  # raised again if the plugin does not read the file either
+        ckpt = {"path": path, "plugin": None, "config": None, "step": "final"}
     cfg = build_config(plugin, overrides=ns.overrides, test=ns.test, data_root=ns.data_root,
                        base=ckpt.get("config"))
     _, device = init_distributed(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
+    model = None
+    if foreign is not None:
+        model = plugin.load_weights(path, cfg)
+        if model is None:
+            raise foreign
     data = plugin.build_data(cfg)
-    if ckpt["plugin"] is None:  # the file itself says how to rebuild the model
+    if model is None and ckpt["plugin"] is None:  # the file itself says how to rebuild the model
         model = kpt.load_model(str(ckpt["path"]))
-    else:
+    elif model is None:
         model = plugin.build_model(cfg, ckpt["info"])
         apply_run_state(model, ckpt)
     metrics = evaluate_model(plugin, model.to(device), data, cfg, device)

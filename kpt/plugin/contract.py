@@ -89,6 +89,7 @@ class Plugin:
     components: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     check_config: Mapping[str, Any] = field(default_factory=dict)
     choices: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    load_weights: Callable[[Path, Config], nn.Module | None] | None = None
 
 
 class PluginError(RuntimeError):
@@ -138,4 +139,6 @@ def validate_plugin(obj: Any, where: str) -> list[str]:
             isinstance(k, str) and isinstance(v, (list, tuple)) and v
             for k, v in dict(obj.choices).items()):
         problems.append("choices must map a dotted config key -> a non-empty list of values")
+    if obj.load_weights is not None and not callable(obj.load_weights):
+        problems.append("load_weights must be callable or None")
     return [f"{where}: {p}" for p in problems]

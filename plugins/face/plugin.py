@@ -301,6 +301,29 @@ def sweep_metrics(model: nn.Module, sets: dict[str, PairSet], cfg: Config, devic
     return {f"sweep/t={r['t']:.2f}": r["accuracy"] for r in rows}
 
 
+def load_foreign(path: str | Path, input_mean: float = 127.5, input_std: float = 127.5
+                 ) -> nn.Module:
+    """A face backbone from weights that are not kpt files.
+
+    ``.onnx``: any ONNX recogniser (:class:`~.onnx_recognizer.OnnxRecognizer`, fed
+    ``(pixels − input_mean) / input_std``); otherwise an insightface ``backbone.pth`` or AdaFace
+    ``.ckpt`` IResNet (:func:`~.iresnet_weights.load_iresnet_weights`; an unknown layout is an
+    error naming the file).
+    """
+    if Path(path).suffix.lower() == ".onnx":
+        from .onnx_recognizer import OnnxRecognizer
+
+        return OnnxRecognizer(path, input_mean, input_std)
+    from .iresnet_weights import load_iresnet_weights
+
+    return load_iresnet_weights(path)
+
+
+def load_weights(path: Path, cfg: Config) -> nn.Module:
+    """``Plugin.load_weights``: :func:`load_foreign` with ``eval.input_mean`` / ``eval.input_std``."""
+    return load_foreign(path, cfg.eval.input_mean, cfg.eval.input_std)
+
+
 def _predict_command(argv: list[str]) -> int:
     from .predict import predict_main
 
@@ -343,4 +366,5 @@ PLUGIN = Plugin(
              "eval.protocols": (*SPLITS, "unaligned_crop"),
              "eval.aligned_keypoints": ("ground_truth", "retinaface", "template"),
              "eval.unaligned_keypoints": ("retinaface", "ground_truth", "template")},
+    load_weights=load_weights,
 )

@@ -2,7 +2,9 @@
 
 ``--weights`` takes any file ``kpt.load_model`` reads: a run folder, its ``best.pt`` / ``last.pt`` /
 ``weights.safetensors`` (backbone + head; the backbone is used) or a bare backbone file such as the
-output of ``kpt convert cvlface`` (the official ViT-KPRPE). Without ``--weights`` the newest
+output of ``kpt convert cvlface`` (the official ViT-KPRPE), and weights of other frameworks: any ONNX
+recogniser (``--input-mean`` / ``--input-std`` give its normalisation) and insightface / AdaFace
+IResNet files. Without ``--weights`` the newest
 ``runs/face/*/weights.safetensors`` is used. (``kpt eval face CHECKPOINT`` takes the same files.)
 
 Predict: RetinaFace finds the highest-scoring face of each image, the image is aligned to the
@@ -52,11 +54,22 @@ def find_weights(weights: str | None, runs: Path = Path("runs") / "face") -> Pat
     return found[-1]
 
 
-def load_face_backbone(path: str | Path, device: str = "cpu") -> nn.Module:
-    """The embedding backbone in ``path`` (plugin run or bare model), in eval mode."""
+def load_face_backbone(path: str | Path, device: str = "cpu", input_mean: float = 127.5,
+                       input_std: float = 127.5) -> nn.Module:
+    """The embedding backbone in ``path``, in eval mode: a plugin run or bare kpt model, or
+    weights of another framework (``.onnx`` recogniser fed ``(pixels − input_mean) /
+    input_std``, insightface / AdaFace IResNet; see :func:`~.plugin.load_foreign`)."""
     import kpt
+    from kpt.engine.weights import CheckpointError, is_model_file
 
-    model = kpt.load_model(str(path), map_location=device)
+    try:
+        model = kpt.load_model(str(path), map_location=device)
+    except CheckpointError:
+        if is_model_file(path):
+            raise
+        from .plugin import load_foreign
+
+        model = load_foreign(Path(path), input_mean, input_std).to(device)
     return getattr(model, "backbone", model).eval()
 
 
@@ -102,12 +115,16 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--threshold", type=float, default=None,
                         help="print 'same'/'different' for similarity ≥/< this")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--input-mean", type=float, default=127.5,
+                        help="ONNX weights: the model is fed (pixels - mean) / std (insightface "
+                             "127.5 / 127.5; raw pixels 0 / 1)")
+    parser.add_argument("--input-std", type=float, default=127.5, help="see --input-mean")
     parser.add_argument("--json", action="store_true", help="print a JSON object")
     args = parser.parse_args(argv)
     from .evaluation.verification import get_detector
 
     weights = find_weights(args.weights)
-    backbone = load_face_backbone(weights, args.device)
+    backbone = load_face_backbone(weights, args.device, args.input_mean, args.input_std)
     detector = get_detector().to(args.device)
     try:
         embs, scores = [], []
