@@ -171,6 +171,23 @@ def test_warm_start_converts_opengait_names_and_reports_keys(tmp_path, caplog):
     build_model(cfg, info)
 
 
+def test_warm_start_from_kpt_names_loads_the_stem_and_head_only(tmp_path):
+    torch.manual_seed(1)
+    donor = build_model(build_config(PLUGIN, overrides=TINY), {"num_classes": NUM_CLASSES})
+    torch.save({"format": "kpt.checkpoint", "model": donor.state_dict()}, tmp_path / "last.pt")
+    cfg = build_config(PLUGIN, overrides=[*TINY, f"model.init_from={tmp_path / 'last.pt'}"])
+    info = {"num_classes": NUM_CLASSES}
+    torch.manual_seed(2)
+    model = build_model(cfg, info)
+    stem_head = [k for k in donor.state_dict() if k.split(".")[0] in
+                 ("layer0", "layer1", "layer2", "fcs", "bnneck")]
+    assert info["init_from"]["loaded"] == len(stem_head) and info["init_from"]["missing"] == 0
+    assert info["init_from"]["unexpected"] == len(donor.state_dict()) - len(stem_head)
+    for key in stem_head:
+        torch.testing.assert_close(model.state_dict()[key], donor.state_dict()[key])
+    assert not torch.equal(model.patch_embed.weight, donor.patch_embed.weight)  # transformer: new
+
+
 def test_from_scratch_trains_stem_and_head_at_full_lr():
     model = build_model(build_config(PLUGIN, overrides=TINY), {"num_classes": NUM_CLASSES})
     assert set(model.lr_scale_prefixes.values()) == {1.0}
