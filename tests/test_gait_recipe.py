@@ -235,3 +235,23 @@ def test_print_config_shows_opengait_swingait_gait3d_values(tmp_path, capsys):
     assert (loss["margin"], loss["ce_scale"], loss["label_smoothing"]) == (0.2, 16.0, 0.1)
     assert (loss["triplet_weight"], loss["ce_weight"], loss["global_triplet"]) == (1.0, 1.0, True)
     assert cfg["eval"]["metric"] == "euclidean"
+
+
+def test_synthetic_walkers_survive_two_ranks_generating_at_once(tmp_path, monkeypatch):
+    """Under torchrun every rank builds its data: the loser of the race must use the winner's."""
+    from kpt_plugins.gait import synthetic
+
+    spec = synthetic.SyntheticSpec(num_train=2, num_test=1, seqs_per_id=2, frames=6)
+    root = tmp_path / f"gait-synthetic-{spec.digest()}"
+    real = synthetic.generate
+
+    def other_rank_finishes_first(folder, spec_):
+        real(folder, spec_)
+        if not root.exists():
+            real(tmp_path / "other", spec_).rename(root)
+        return folder
+
+    monkeypatch.setattr(synthetic, "generate", other_rank_finishes_first)
+    assert synthetic.ensure_synthetic(tmp_path, spec) == root
+    assert (root / "SPEC.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [root.name]  # its own copy discarded
