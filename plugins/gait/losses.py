@@ -9,6 +9,11 @@ averaged, weighted and summed). Formulas from reference gait.md 3:
   loss = mean over parts.
 * CE: cross-entropy of ``scale * logits`` (cosine logits from the BNNeck) with label smoothing
   0.1, the label repeated for every part, averaged over samples x parts.
+
+Under DDP (OpenGait ``gather_and_scale_wrapper``) the triplet loss sees the whole global batch:
+embeddings and labels are all-gathered, only the local slice carries gradients, and the gradient is
+multiplied by the world size, so that DDP's gradient mean is the gradient of the triplet loss of the
+global batch. CE stays per process (its per-rank means average to the global mean).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kpt.engine.distributed import all_gather_with_grad, group_world_size, scale_grad
 
 
 def partwise_distance(x: Tensor, y: Tensor) -> Tensor:
@@ -108,14 +115,21 @@ class PartCrossEntropy(nn.Module):
 
 
 class GaitLoss(nn.Module):
-    """Weighted sum of :class:`TripletLoss` and :class:`PartCrossEntropy` (weights 1.0 / 1.0)."""
+    """Weighted sum of :class:`TripletLoss` and :class:`PartCrossEntropy` (weights 1.0 / 1.0).
+
+    Args:
+        global_triplet: under DDP, compute the triplet loss over the embeddings of every process
+            (OpenGait); False: each process's own batch only. No effect in a single process.
+    """
 
     def __init__(self, margin: float = 0.2, scale: float = 16.0, label_smoothing: float = 0.1,
-                 triplet_weight: float = 1.0, ce_weight: float = 1.0) -> None:
+                 triplet_weight: float = 1.0, ce_weight: float = 1.0,
+                 global_triplet: bool = True) -> None:
         super().__init__()
         self.triplet = TripletLoss(margin)
         self.ce = PartCrossEntropy(scale, label_smoothing)
         self.triplet_weight, self.ce_weight = triplet_weight, ce_weight
+        self.global_triplet = global_triplet
 
     def forward(self, embeddings: Tensor, logits: Tensor, labels: Tensor
                 ) -> tuple[Tensor, dict[str, float]]:
@@ -124,9 +138,17 @@ class GaitLoss(nn.Module):
             embeddings: (n, C, P) ``embed_1``; logits: (n, num_classes, P); labels: (n,).
 
         Returns:
-            scalar loss and a flat dict of logs.
+            scalar loss and a flat dict of logs. Under DDP with ``global_triplet`` the ``triplet``
+            log (and the triplet part of the loss value) is the global batch's triplet loss; only
+            its gradient carries OpenGait's world-size factor.
         """
-        tri, tri_logs = self.triplet(embeddings, labels)
+        world = group_world_size() if self.global_triplet else 1
+        if world > 1:
+            tri, tri_logs = self.triplet(all_gather_with_grad(embeddings),
+                                         all_gather_with_grad(labels))
+            tri = scale_grad(tri, world)
+        else:
+            tri, tri_logs = self.triplet(embeddings, labels)
         ce, ce_logs = self.ce(logits, labels)
         loss = self.triplet_weight * tri + self.ce_weight * ce
         logs = {"triplet": float(tri.detach()), "ce": float(ce.detach())}

@@ -202,15 +202,25 @@ def generate(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
 
 
 def ensure_synthetic(cache_dir: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
-    """Returns the folder of ``spec``'s walkers under ``cache_dir``, generating it once."""
+    """Returns the folder of ``spec``'s walkers under ``cache_dir``, generating it once.
+
+    Safe when several processes (DDP ranks) ask at once: each writes its own temporary folder and
+    the first to finish publishes it with an atomic rename; the others discard theirs.
+    """
+    import os
+    import shutil
+
     root = Path(cache_dir) / f"gait-synthetic-{spec.digest()}"
     if (root / "SPEC.json").is_file():
         return root
-    tmp = root.with_name(root.name + ".partial")
+    tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     generate(tmp, spec)
-    tmp.rename(root)
+    try:
+        tmp.rename(root)
+    except OSError:  # another process published the same walkers first
+        if not (root / "SPEC.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
