@@ -231,6 +231,41 @@ def _validate_items(source, report: _Report, decode: bool) -> dict:
     return counts
 
 
+def _validate_ijb(data: Path, report: _Report, check_images: bool) -> int | None:
+    """IJB-B / IJB-C layout check (None when ``data`` is no IJB folder): meta files, pairs whose
+    templates have no image, images listed but missing."""
+    from .evaluation.ijb import IJB_TARGETS, IJBProtocol, find_ijb_root, ijb_layout_problems
+
+    if not data.is_dir():
+        return None
+    found = {t: find_ijb_root([data], t) for t in IJB_TARGETS}
+    found = {t: r for t, r in found.items() if r is not None}
+    looks_ijb = (data / "loose_crop").is_dir() or (data / "meta").is_dir()
+    if not found and not looks_ijb:
+        return None
+    _out(f"{data}: IJB layout")
+    targets = found or {t: data for t in IJB_TARGETS}
+    ok_any = False
+    for target, root in targets.items():
+        problems = ijb_layout_problems(root, target, check_images)
+        if problems and not found:  # a bare set folder: say what each target would need
+            _out(f"  {target}: not usable")
+        for line in problems:
+            report.problem(line)
+        if not problems:
+            ok_any = True
+            protocol = IJBProtocol.from_folder(root, target)
+            _out(f"  {target} ({root}): {len(protocol)} images, "
+                 f"{len(np.unique(protocol.templates))} templates, "
+                 f"{len(np.unique(protocol.medias))} medias, {len(protocol.pair_labels)} pairs "
+                 f"({int((protocol.pair_labels > 0).sum())} genuine)")
+    if report.problems or not ok_any:
+        _out(f"{len(report.problems)} problem(s) found")
+        return 1
+    _out("OK")
+    return 0
+
+
 def validate(argv: list[str]) -> int:
     """Report counts, missing and corrupt entries of one data set; 0 when clean."""
     p = argparse.ArgumentParser(
@@ -243,6 +278,9 @@ def validate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     data = Path(args.data)
     report = _Report()
+    ijb = _validate_ijb(data, report, not args.no_decode)
+    if ijb is not None:
+        return ijb
     try:
         kind = detect_kind(data)
         _, source = open_face_source(data)
@@ -264,8 +302,16 @@ def validate(argv: list[str]) -> int:
             ]
             counts["empty identity folders"] = len(empty)
         if kind == "tinyface":
+            from .evaluation.tinyface import tinyface_layout_problems, tinyface_protocol
+
             counts["probes"] = len(source.protocol.probe_paths)
             counts["distractors"] = int((source.protocol.gallery_labels == -100).sum())
+            for line in tinyface_layout_problems(data):
+                report.problem(line)
+            try:
+                counts["official .mat lists"] = len(tinyface_protocol(data)[1])
+            except (OSError, ValueError):
+                pass
     cache = cache_path(data)
     if cache.is_file():
         try:
