@@ -15,8 +15,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
-from kpt.errors import DataError, UserError
 from kpt_plugins.face.align import ARCFACE_TEMPLATE_112
 from kpt_plugins.face.evaluation.features import extract_features
 from kpt_plugins.face.evaluation.ijb import (
@@ -26,6 +24,8 @@ from kpt_plugins.face.evaluation.ijb import (
     find_ijb_root,
     ijb_layout_problems,
 )
+
+from kpt.errors import DataError, UserError
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -277,3 +277,27 @@ def test_data_validate_reports_the_ijb_layout(ijb, capsys):
     (root / "loose_crop" / "2.png").unlink()
     assert validate(["--data", str(root)]) == 1
     assert "missing" in capsys.readouterr().out
+
+
+def test_plugin_evaluate_runs_the_board_with_a_kpt_model(ijb, tmp_path):
+    """``--test full`` through the face plugin: a tiny KP-RPE ViT, the IJB fixture as the only
+    set of the board root, the others named as missing; the row lands in eval.board_out."""
+    from kpt.config import build_config
+    from kpt.plugin import TaskData, load_plugin
+    from kpt_plugins.face.plugin import build_eval_sets, build_model
+
+    board, _, _ = ijb
+    plugin = load_plugin("face")
+    out = tmp_path / "row"
+    cfg = build_config(plugin, test=["full"], overrides=[
+        f"eval.bin_root={board}", "eval.synthetic_pairs=0", "model.depth=1", "model.embed_dim=32",
+        "model.num_heads=2", "model.embedding_size=16", f"eval.cache_dir={tmp_path / 'cache'}",
+        f"eval.board_out={out}", "eval.board_name=tiny"])
+    model = build_model(cfg, {"num_classes": 4})
+    data = TaskData(train=None, evals=build_eval_sets(cfg), info={})
+    metrics = plugin.evaluate(model, data, cfg, torch.device("cpu"))
+    assert {"ijbc/tar@far=1e-4", "ijbc_unaligned/tar@far=1e-4"} <= set(metrics)
+    assert all(np.isfinite(v) for v in metrics.values())
+    text = out.with_suffix(".md").read_text()
+    assert "| tiny |" in text and "lfw" in text and "ijbb" in text and "tinyface" in text
+    assert len(list((tmp_path / "cache").rglob("chunk_*.npy"))) == 2  # aligned + unaligned

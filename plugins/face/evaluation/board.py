@@ -28,7 +28,7 @@ from kpt.config import Config
 from kpt.metrics.tar_at_far import far_key
 
 from .features import ModelEmbedder, cache_folder
-from .ijb import IJB_TARGETS, evaluate_ijb, find_ijb_root
+from .ijb import evaluate_ijb, find_ijb_root
 from .tinyface import evaluate_tinyface, find_tinyface_root
 
 __all__ = ["BOARD_BINS", "BOARD_TESTS", "COLUMNS", "board_metrics", "board_row", "run_board_sets",

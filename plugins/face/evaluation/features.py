@@ -58,7 +58,7 @@ def model_key(model: nn.Module) -> str:
     digest = hashlib.sha1()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        data = tensor.detach().cpu().contiguous()
+        data = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(str((tuple(data.shape), data.dtype)).encode())
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()[:16]
