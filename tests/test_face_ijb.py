@@ -282,9 +282,10 @@ def test_data_validate_reports_the_ijb_layout(ijb, capsys):
 def test_plugin_evaluate_runs_the_board_with_a_kpt_model(ijb, tmp_path):
     """``--test full`` through the face plugin: a tiny KP-RPE ViT, the IJB fixture as the only
     set of the board root, the others named as missing; the row lands in eval.board_out."""
+    from kpt_plugins.face.plugin import build_eval_sets, build_model
+
     from kpt.config import build_config
     from kpt.plugin import TaskData, load_plugin
-    from kpt_plugins.face.plugin import build_eval_sets, build_model
 
     board, _, _ = ijb
     plugin = load_plugin("face")

@@ -243,7 +243,8 @@ def _validate_ijb(data: Path, report: _Report, check_images: bool) -> int | None
     looks_ijb = (data / "loose_crop").is_dir() or (data / "meta").is_dir()
     if not found and not looks_ijb:
         return None
-    _out(f"{data}: IJB layout")
+    board_root = any(root != data for root in found.values())
+    _out(f"{data}: {'benchmark board root' if board_root else 'IJB layout'}")
     targets = found or {t: data for t in IJB_TARGETS}
     ok_any = False
     for target, root in targets.items():
@@ -259,6 +260,20 @@ def _validate_ijb(data: Path, report: _Report, check_images: bool) -> int | None
                  f"{len(np.unique(protocol.templates))} templates, "
                  f"{len(np.unique(protocol.medias))} medias, {len(protocol.pair_labels)} pairs "
                  f"({int((protocol.pair_labels > 0).sum())} genuine)")
+    if board_root:  # the other board sets too
+        from .evaluation.board import BOARD_BINS, find_bins
+        from .evaluation.tinyface import find_tinyface_root, tinyface_layout_problems
+
+        tiny = find_tinyface_root([data])
+        _out(f"  tinyface: {tiny if tiny else 'not found'}")
+        for line in tinyface_layout_problems(tiny) if tiny else []:
+            report.problem(line)
+        bins = find_bins([str(data)])
+        _out(f"  .bin sets: {', '.join(b for b in BOARD_BINS if b in bins) or 'none'}"
+             f"; not found: {', '.join(b for b in BOARD_BINS if b not in bins) or 'none'}")
+        missing = [t for t in IJB_TARGETS if t not in found] + ([] if tiny else ["tinyface"])
+        if missing:
+            _out(f"  the board row will leave empty: {', '.join(missing)}")
     if report.problems or not ok_any:
         _out(f"{len(report.problems)} problem(s) found")
         return 1
