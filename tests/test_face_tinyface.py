@@ -186,3 +186,16 @@ def test_full_names_missing_sets_and_named_sets_must_exist(tmp_path):
     assert run == ["tinyface"] and missing == ["ijbb", "ijbc", "ijbc_unaligned"]
     with pytest.raises(MissingDataError, match="ijbc"):
         expand_tests(["ijbc"], [str(tmp_path)])
+
+
+def test_the_aligned_copy_is_preferred_under_a_board_root(tmp_path):
+    from kpt_plugins.face.evaluation.tinyface import find_tinyface_root
+
+    # the release folder in the board root, the aligned copy inside it: the board root itself
+    # also reaches the raw images through tinyface/Testing_Set
+    write_tinyface(tmp_path / "tinyface" / "Testing_Set", size=24)
+    write_tinyface(tmp_path / "tinyface" / "aligned_pad_0.1_pad_high")
+    found = find_tinyface_root([tmp_path])
+    assert found == tmp_path / "tinyface"
+    protocol, _ = tinyface_protocol(found)
+    assert protocol.root.name == "aligned_pad_0.1_pad_high"

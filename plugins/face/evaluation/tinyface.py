@@ -104,17 +104,21 @@ def tinyface_protocol(root: str | Path) -> tuple[TinyFaceProtocol, list[str]]:
 
 
 def find_tinyface_root(roots: list[str | Path]) -> Path | None:
-    """The first of ``roots`` (or its ``tinyface`` / ``TinyFace`` sub-folder) with the layout."""
+    """The TinyFace folder under one of ``roots`` (the root, ``tinyface/`` or ``TinyFace/``),
+    preferring one whose images are AdaFace's aligned copy (``aligned_pad_0.1_pad_high``)."""
+    first = None
     for root in roots:
         if not root:
             continue
         for cand in (Path(root), Path(root) / "tinyface", Path(root) / "TinyFace"):
             try:
-                TinyFaceProtocol.from_folder(cand)
-                return cand
+                protocol = TinyFaceProtocol.from_folder(cand)
             except (FileNotFoundError, ValueError):
                 continue
-    return None
+            if protocol.root.name == "aligned_pad_0.1_pad_high":
+                return cand
+            first = first or cand
+    return first
 
 
 def tinyface_layout_problems(root: str | Path) -> list[str]:
