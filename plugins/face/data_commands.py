@@ -231,6 +231,56 @@ def _validate_items(source, report: _Report, decode: bool) -> dict:
     return counts
 
 
+def _validate_ijb(data: Path, report: _Report, check_images: bool) -> int | None:
+    """IJB-B / IJB-C layout check (None when ``data`` is no IJB folder): meta files, pairs whose
+    templates have no image, images listed but missing."""
+    from .evaluation.ijb import IJB_TARGETS, IJBProtocol, find_ijb_root, ijb_layout_problems
+
+    if not data.is_dir():
+        return None
+    found = {t: find_ijb_root([data], t) for t in IJB_TARGETS}
+    found = {t: r for t, r in found.items() if r is not None}
+    looks_ijb = (data / "loose_crop").is_dir() or (data / "meta").is_dir()
+    if not found and not looks_ijb:
+        return None
+    board_root = any(root != data for root in found.values())
+    _out(f"{data}: {'benchmark board root' if board_root else 'IJB layout'}")
+    targets = found or {t: data for t in IJB_TARGETS}
+    ok_any = False
+    for target, root in targets.items():
+        problems = ijb_layout_problems(root, target, check_images)
+        if problems and not found:  # a bare set folder: say what each target would need
+            _out(f"  {target}: not usable")
+        for line in problems:
+            report.problem(line)
+        if not problems:
+            ok_any = True
+            protocol = IJBProtocol.from_folder(root, target)
+            _out(f"  {target} ({root}): {len(protocol)} images, "
+                 f"{len(np.unique(protocol.templates))} templates, "
+                 f"{len(np.unique(protocol.medias))} medias, {len(protocol.pair_labels)} pairs "
+                 f"({int((protocol.pair_labels > 0).sum())} genuine)")
+    if board_root:  # the other board sets too
+        from .evaluation.board import BOARD_BINS, find_bins
+        from .evaluation.tinyface import find_tinyface_root, tinyface_layout_problems
+
+        tiny = find_tinyface_root([data])
+        _out(f"  tinyface: {tiny if tiny else 'not found'}")
+        for line in tinyface_layout_problems(tiny) if tiny else []:
+            report.problem(line)
+        bins = find_bins([str(data)])
+        _out(f"  .bin sets: {', '.join(b for b in BOARD_BINS if b in bins) or 'none'}"
+             f"; not found: {', '.join(b for b in BOARD_BINS if b not in bins) or 'none'}")
+        missing = [t for t in IJB_TARGETS if t not in found] + ([] if tiny else ["tinyface"])
+        if missing:
+            _out(f"  the board row will leave empty: {', '.join(missing)}")
+    if report.problems or not ok_any:
+        _out(f"{len(report.problems)} problem(s) found")
+        return 1
+    _out("OK")
+    return 0
+
+
 def validate(argv: list[str]) -> int:
     """Report counts, missing and corrupt entries of one data set; 0 when clean."""
     p = argparse.ArgumentParser(
@@ -243,6 +293,9 @@ def validate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     data = Path(args.data)
     report = _Report()
+    ijb = _validate_ijb(data, report, not args.no_decode)
+    if ijb is not None:
+        return ijb
     try:
         kind = detect_kind(data)
         _, source = open_face_source(data)
@@ -264,8 +317,16 @@ def validate(argv: list[str]) -> int:
             ]
             counts["empty identity folders"] = len(empty)
         if kind == "tinyface":
+            from .evaluation.tinyface import tinyface_layout_problems, tinyface_protocol
+
             counts["probes"] = len(source.protocol.probe_paths)
             counts["distractors"] = int((source.protocol.gallery_labels == -100).sum())
+            for line in tinyface_layout_problems(data):
+                report.problem(line)
+            try:
+                counts["official .mat lists"] = len(tinyface_protocol(data)[1])
+            except (OSError, ValueError):
+                pass
     cache = cache_path(data)
     if cache.is_file():
         try:

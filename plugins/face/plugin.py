@@ -30,6 +30,7 @@ from kpt.plugin import Plugin, TaskData
 from kpt.position import POS_CHOICES
 
 from .data.augment import FaceAugment, FaceCollate, RepeatedAugmentSampler
+from .evaluation.board import BOARD_TESTS
 from .evaluation.verification import (
     PairSet,
     evaluate_pairs,
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 #: Names ``--test`` accepts (looked up as ``<eval.bin_root or data.root>/<name>.bin``).
 BIN_NAMES = ("lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp")
-DATASETS = ("synthetic", *BIN_NAMES)
+DATASETS = ("synthetic", *BIN_NAMES, *BOARD_TESTS)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -233,6 +234,15 @@ def build_eval_sets(cfg: Config) -> dict[str, PairSet]:
     for name in e.test:
         if name == "synthetic":
             continue
+        if name in BOARD_TESTS:  # IJB / TinyFace: run by evaluate (evaluation/board.py)
+            if name == "full":  # plus every board .bin found under the board root
+                from .evaluation.board import board_roots, find_bins
+
+                for path in find_bins(board_roots(cfg)).values():
+                    if path.stem not in sets:
+                        sets[path.stem] = load_bin_set(path, e.bin_keypoints,
+                                                       e.bin_limit or None)
+            continue
         pairs = load_bin_set(resolve_bin(name, cfg), e.bin_keypoints, e.bin_limit or None)
         sets[pairs.name] = pairs
     return sets
@@ -278,6 +288,10 @@ def evaluate(model: nn.Module, data: TaskData, cfg: Config, device: torch.device
     """Verification accuracy on every evaluation set (see :func:`evaluate_sets`), and the Fig. 5
     sweep when ``eval.sweep_steps`` > 0 (see :func:`sweep_metrics`)."""
     metrics = evaluate_sets(model, data.evals, cfg, device)
+    if any(name in BOARD_TESTS for name in cfg.eval.test):
+        from .evaluation.board import board_metrics
+
+        metrics.update(board_metrics(model, cfg, device, metrics))
     if cfg.eval.sweep_steps > 0:
         metrics.update(sweep_metrics(model, data.evals, cfg, device))
     return metrics
@@ -363,6 +377,8 @@ PLUGIN = Plugin(
     choices={"model.pos": POS_CHOICES,
              "model.classifier": ("fc", "partial_fc"), "data.keypoints": ("auto", "template"),
              "eval.bin_keypoints": ("retinaface", "template"),
+             "eval.ijb_unaligned_keypoints": ("provided", "retinaface"),
+             "eval.tinyface_keypoints": ("template", "retinaface"),
              "eval.protocols": (*SPLITS, "unaligned_crop"),
              "eval.aligned_keypoints": ("ground_truth", "retinaface", "template"),
              "eval.unaligned_keypoints": ("retinaface", "ground_truth", "template")},
