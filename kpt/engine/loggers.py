@@ -16,6 +16,7 @@ import numbers
 from pathlib import Path
 from typing import Any, Protocol
 
+from kpt.engine.progress import CONSOLE_LOGGERS
 from kpt.errors import UserError
 
 logger = logging.getLogger("kpt.engine")
@@ -86,11 +87,13 @@ def attach_run_log(out_dir: Path) -> logging.Handler:
     """Copy what the ``kpt`` loggers print into ``OUT/run.log`` (appended on resume)."""
     handler = logging.FileHandler(out_dir / RUN_LOG, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    logging.getLogger("kpt").addHandler(handler)
+    for name in CONSOLE_LOGGERS:
+        logging.getLogger(name).addHandler(handler)
     return handler
 
 
 def detach_run_log(handler: logging.Handler | None) -> None:
     if handler is not None:
-        logging.getLogger("kpt").removeHandler(handler)
+        for name in CONSOLE_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
         handler.close()

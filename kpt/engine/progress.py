@@ -31,17 +31,24 @@ class TqdmLoggingHandler(logging.Handler):
             self.handleError(record)
 
 
+#: loggers the console shows: the core and the built-in plugins (``kpt_plugins.face`` says where
+#: its keypoints come from); a third-party plugin that logs under ``kpt.<name>`` is shown too
+CONSOLE_LOGGERS = ("kpt", "kpt_plugins")
+
+
 def configure_logging(verbose: bool = False, rank: int = 0) -> None:
     """Console logging for the CLI: ``kpt`` INFO messages on rank 0, warnings on the others."""
-    root = logging.getLogger("kpt")
-    for handler in list(root.handlers):
-        if isinstance(handler, TqdmLoggingHandler):
-            root.removeHandler(handler)
-    handler = TqdmLoggingHandler()
-    handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING)
-    root.propagate = False
+    for name in CONSOLE_LOGGERS:
+        root = logging.getLogger(name)
+        for handler in list(root.handlers):
+            if isinstance(handler, TqdmLoggingHandler):
+                root.removeHandler(handler)
+        handler = TqdmLoggingHandler()
+        handler.setFormatter(logging.Formatter("%(message)s" if rank == 0
+                                               else f"[rank {rank}] %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING)
+        root.propagate = False
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

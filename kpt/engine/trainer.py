@@ -271,11 +271,9 @@ class Trainer:
         return float(loss.detach()), logs, n
 
     def run(self) -> dict[str, Any]:
-        """Train to the end (or until a stop request), with the run log and ``train.logger``."""
-        handler = None
+        """Train to the end (or until a stop request), with the ``train.logger`` sink."""
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            handler = attach_run_log(self.out_dir)
         try:
             if self.info.is_main:
                 self.sink = build_sink(self.cfg.train.logger, self.out_dir, self.cfg.to_dict())
@@ -285,7 +283,6 @@ class Trainer:
             if self.sink is not None:
                 self.sink.close()
                 self.sink = None
-            detach_run_log(handler)
 
     def _run(self, stop: StopRequest) -> dict[str, Any]:
         t = self.cfg.train
@@ -294,8 +291,6 @@ class Trainer:
             for line in header_lines(self.plugin.name, self.device, self.info.world_size, self.model,
                                      len(self.data.train), self.data.evals, self.out_dir,
                                      self.total_steps, self.steps_per_epoch):
-                logger.info("%s", line)
-            for line in getattr(self.data, "notes", None) or []:  # the plugin's words on its data
                 logger.info("%s", line)
             if self.warmup_note:
                 logger.warning("%s", self.warmup_note)
@@ -424,6 +419,7 @@ def train(plugin: Plugin, cfg: Config, out_dir: str | Path | None = None,
     started_group = not (dist.is_available() and dist.is_initialized())
     info, device = init_distributed(cfg.train.device)
     lock: RunLock | None = None
+    handler = None
     try:
         claimed: tuple[str | None, str | None] = (None, None)  # (run folder, refusal message)
         if info.is_main:  # only rank 0 writes to the run folder, so only it names, checks and locks it
@@ -440,9 +436,13 @@ def train(plugin: Plugin, cfg: Config, out_dir: str | Path | None = None,
         folder, refused = broadcast_object(claimed, info)  # every rank stops, or none
         if refused is not None:
             raise RunDirError(refused)
+        if info.is_main:  # from here on, what the console shows is also kept in OUT/run.log
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            handler = attach_run_log(Path(folder))
         trainer = Trainer(plugin, cfg, Path(folder), Path(resume) if resume else None, info, device)
         return trainer.run()
     finally:
+        detach_run_log(handler)
         if lock is not None:
             lock.release()
         if started_group and info.enabled and dist.is_initialized():
