@@ -224,7 +224,9 @@ def _evaluate_checkpoint(plugin: object, ns: argparse.Namespace) -> int:
     metrics = evaluate_model(plugin, model.to(device), data, cfg, device)
     print(metric_table(metrics, f"{plugin.name}: {ckpt['path']} (step {ckpt['step']})"))
     if ns.json:
-        Path(ns.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        from kpt.engine.progress import dump_json  # NaN (e.g. VAL@FAR n/a) as null
+
+        Path(ns.json).write_text(dump_json(metrics, indent=2) + "\n")
     return 0
 
 

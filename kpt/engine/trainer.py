@@ -46,6 +46,10 @@ from kpt.plugin import Plugin, TaskData
 logger = logging.getLogger("kpt.engine")
 
 
+#: kpt's one unit, stated in every summary.json: plugins report accuracy-like metrics in percent
+METRIC_UNITS = "percent: accuracy, rank-k, mAP, mINP, VAL; raw: loss, lr, threshold, far, time"
+
+
 def default_run_dir(domain: str, root: str | Path = "runs") -> Path:
     """A new, empty run folder ``runs/DOMAIN/<timestamp>[-NN]``, created here (unique across processes:
     see :func:`kpt.engine.run_dir.new_run_dir`)."""
@@ -370,6 +374,7 @@ class Trainer:
     def _finish(self, seconds: float) -> dict[str, Any]:
         summary: dict[str, Any] = dict(self.last_metrics)
         summary.update({"step": self.step, "epoch": self.epoch, "train_time_s": round(seconds, 3)})
+        summary["units"] = METRIC_UNITS
         if self.best:
             summary[f"best_{self.best['metric']}"] = self.best["value"]
             summary["best_step"] = self.best["step"]
