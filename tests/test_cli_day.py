@@ -139,3 +139,41 @@ def test_data_validate_takes_data_in_every_plugin(tmp_path, capsys):
     assert "ok" in capsys.readouterr().out
     faces = _image_folders(tmp_path / "faces", 2, 2)
     assert main(["data", "validate", "face", "--data", str(faces)]) == 0
+
+
+def test_scaffold_trains_on_image_folders_and_offers_commands(tmp_path, monkeypatch, capsys):
+    """`kpt new-plugin xray`: `--data DIR` trains on DIR's images (not the synthetic shapes), and
+    the package's `data validate` and `predict` commands work on a run folder."""
+    from PIL import Image
+
+    from kpt import plugin as plugin_mod
+    from kpt.templates import write_plugin_package
+
+    folder = write_plugin_package("xray", tmp_path)
+    monkeypatch.syspath_prepend(str(folder))
+    found = dict(plugin_mod.discover_plugins(refresh=True))
+    found["xray"] = plugin_mod.PluginEntry("xray", "kpt_plugin_xray.plugin:PLUGIN", builtin=False,
+                                           package="kpt-plugin-xray")
+    monkeypatch.setattr(plugin_mod, "_DISCOVERED", found)
+    rng = np.random.default_rng(2)
+    data = tmp_path / "xrays"
+    for split in ("train", "val"):
+        for cls in ("healthy", "sick", "unsure"):
+            (data / split / cls).mkdir(parents=True)
+            for j in range(4):
+                Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8)).save(
+                    data / split / cls / f"{j}.png")
+    assert main(["data", "validate", "xray", "--data", str(data)]) == 0
+    assert "healthy 4" in capsys.readouterr().out
+    out = tmp_path / "run"
+    assert main(["train", "xray", "--data", str(data), "--out", str(out), "train.max_steps=1",
+                 "train.batch_size=4", "model.depth=1"]) == 0
+    summary = _strict((out / "summary.json").read_text())
+    assert "val/accuracy" in summary and "synthetic/accuracy" not in summary
+    log = (out / "run.log").read_text()
+    assert "12 images, classes healthy, sick, unsure" in log
+    assert main(["predict", "xray", str(data / "val" / "sick" / "0.png"), "--weights", str(out)]) == 0
+    assert capsys.readouterr().out.strip().split(": ")[-1] in ("healthy", "sick", "unsure")
+    (data / "val" / "sick" / "0.png").write_bytes(b"not an image")
+    assert main(["data", "validate", "xray", "--data", str(data)]) == 2
+    assert "0.png" in capsys.readouterr().err
