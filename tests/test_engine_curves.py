@@ -125,3 +125,11 @@ def test_tensorboard_logger(tmp_path):
         return
     train(tiny.PLUGIN, _cfg("train.logger=tensorboard"), tmp_path / "run")
     assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_evaluation_shows_progress(capsys):
+    from kpt.engine.inference import predict
+
+    predict(torch.nn.Linear(2, 2), torch.rand(10, 2), lambda net, b: net(b), batch_size=3,
+            progress=True, desc="eval lfw")
+    assert "eval lfw" in capsys.readouterr().err
