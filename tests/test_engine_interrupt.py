@@ -126,3 +126,16 @@ def test_warmup_cut_by_max_steps_is_reported(tmp_path, kpt_log):
     kpt_log.clear()
     train(tiny.PLUGIN, _cfg("train.warmup_epochs=1"), tmp_path / "b")
     assert "warm-up" not in kpt_log.text
+
+
+def test_cli_ctrl_c_exits_130_after_saving(tmp_path, monkeypatch, capsys):
+    from kpt.cli import main
+
+    tiny.register_in_process(monkeypatch)
+    monkeypatch.setattr(tiny, "PLUGIN", _signalling(3, signal.SIGINT))
+    out = tmp_path / "run"
+    assert main(["train", "tiny", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"saved {out / 'last.pt'}" in err and "interrupted" in err
+    assert ckpt_io.load_checkpoint(out / "last.pt")["step"] == 3
+    assert "interrupted (SIGINT) at step 3/12" in (out / "run.log").read_text()
