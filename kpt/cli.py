@@ -25,6 +25,8 @@ examples:
   kpt eval mnist runs/mnist/20250101-120000/best.pt --test affnist
   kpt data get mnist                             obtain a dataset (plugin command)
   kpt predict face a.jpg b.jpg --weights runs/face/RUN/weights.safetensors
+  kpt embed face photos/ --weights runs/face/RUN --out emb.npz   embeddings + file names
+  kpt embed face me.jpg --weights runs/face/RUN --gallery photos/   rank a folder 1:N
   kpt convert cvlface SRC DST                    convert official CVLface weights
   kpt plot runs/mnist/A runs/mnist/B --out cmp.png   loss / lr / eval curves of runs together
   kpt new-plugin xray                            scaffold a pip-installable plugin package
@@ -119,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="checkpoint, --test, overrides")
 
     p = sub.add_parser("predict", help="run a trained model on inputs (plugin command)")
+    p.add_argument("domain")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="passed to the plugin")
+
+    p = sub.add_parser("embed", help="write embeddings of inputs, rank a gallery (plugin command)")
     p.add_argument("domain")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="passed to the plugin")
 
@@ -404,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers = {"train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins,
                     "convert": cmd_convert, "new-plugin": cmd_new_plugin, "plot": cmd_plot,
                     "predict": lambda a: _dispatch(a.domain, "predict", a.rest),
+                    "embed": lambda a: _dispatch(a.domain, "embed", a.rest),
                     "data": lambda a: _dispatch(a.domain, f"data {a.action}", a.rest)}
         if args.command is None:
             build_parser().print_help()

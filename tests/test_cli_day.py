@@ -177,3 +177,31 @@ def test_scaffold_trains_on_image_folders_and_offers_commands(tmp_path, monkeypa
     (data / "val" / "sick" / "0.png").write_bytes(b"not an image")
     assert main(["data", "validate", "xray", "--data", str(data)]) == 2
     assert "0.png" in capsys.readouterr().err
+
+
+def test_embed_face_writes_names_and_ranks_a_gallery(runs, tmp_path, capsys):
+    from kpt_plugins.face.synthetic.dataset import synthetic_pairs
+    from PIL import Image
+
+    pairs, _ = synthetic_pairs(4, "unaligned", seed=3)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, image in enumerate(pairs.images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(photos / f"{i}.png")
+    out = tmp_path / "emb.npz"
+    assert main(["embed", "face", str(photos), "--weights", str(runs / "face"), "--out", str(out),
+                 "--gallery", str(photos), "--top", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    saved = np.load(out)
+    names = list(saved["names"])
+    skipped = [line.split(": ")[1] for line in captured.err.splitlines() if "no face" in line
+               and "gallery" not in line]
+    assert sorted(names + skipped) == sorted(f"{i}.png" for i in range(8)) and names
+    np.testing.assert_allclose(np.linalg.norm(saved["embeddings"], axis=1), 1.0, atol=1e-5)
+    ranking = json.loads(captured.out.strip().splitlines()[-1])
+    assert all(matches[0][0] == query for query, matches in ranking.items())  # itself first
+    npy = tmp_path / "emb.npy"
+    assert main(["embed", "face", str(photos / names[0]), "--weights", str(runs / "face"),
+                 "--out", str(npy)]) == 0
+    assert np.load(npy).shape == (1, saved["embeddings"].shape[1])
+    assert (tmp_path / "emb.names.txt").read_text() == f"{photos / names[0]}\n"

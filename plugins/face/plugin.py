@@ -350,6 +350,12 @@ def _predict_command(argv: list[str]) -> int:
     return predict_main(argv)
 
 
+def _embed_command(argv: list[str]) -> int:
+    from .embed import embed_main
+
+    return embed_main(argv)
+
+
 def _data_prepare(argv: list[str]) -> int:
     from .data_commands import prepare
 
@@ -373,7 +379,7 @@ PLUGIN = Plugin(
     evaluate=evaluate,
     datasets=DATASETS,
     keypoint_sources={"retinaface": "kpt_plugins.face.retinaface.detector:RetinaFaceKeypoints"},
-    commands={"predict": _predict_command,
+    commands={"predict": _predict_command, "embed": _embed_command,
               "data prepare": _data_prepare, "data validate": _data_validate},
     primary_metric="accuracy",
     check_config={"data.num_identities": 4, "data.images_per_identity": 4,
