@@ -25,7 +25,10 @@ examples:
   kpt eval mnist runs/mnist/20250101-120000/best.pt --test affnist
   kpt data get mnist                             obtain a dataset (plugin command)
   kpt predict face a.jpg b.jpg --weights runs/face/RUN/weights.safetensors
+  kpt embed face photos/ --weights runs/face/RUN --out emb.npz   embeddings + file names
+  kpt embed face me.jpg --weights runs/face/RUN --gallery photos/   rank a folder 1:N
   kpt convert cvlface SRC DST                    convert official CVLface weights
+  kpt plot runs/mnist/A runs/mnist/B --out cmp.png   loss / lr / eval curves of runs together
   kpt new-plugin xray                            scaffold a pip-installable plugin package
 """
 
@@ -43,7 +46,9 @@ Config precedence: engine defaults < plugin defaults < presets (--preset NAME, o
 such as recipe=step_sgd, --data gait3d, model.name=vit_small_kprpe) < --config files < --data/--test
 < key=value.
 Unknown keys are errors. The run folder (--out, default runs/DOMAIN/<timestamp>) receives config.yaml,
-metrics.jsonl, summary.json, last.pt, best.pt and weights.safetensors.
+metrics.jsonl, summary.json, last.pt, best.pt, weights.safetensors, run.log (a copy of the console
+log) and curves.png. Ctrl-C (or SIGTERM) finishes the current step and saves last.pt; a second Ctrl-C
+aborts at once. last.pt is also saved every train.save_every_minutes (default 10).
 An --out that already holds a run is refused: pass --resume to continue it or --overwrite to
 replace it. Only one process at a time can write to a run folder (it holds the lock .kpt.lock).
 """
@@ -120,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="passed to the plugin")
 
+    p = sub.add_parser("embed", help="write embeddings of inputs, rank a gallery (plugin command)")
+    p.add_argument("domain")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="passed to the plugin")
+
     p = sub.add_parser("data", help="get | prepare | validate a dataset (plugin commands)")
     p.add_argument("action", choices=["get", "prepare", "validate"])
     p.add_argument("domain", help="plugin name, or a dataset name declared by one plugin")
@@ -133,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source_format", choices=["cvlface"])
     p.add_argument("src")
     p.add_argument("dst")
+
+    p = sub.add_parser("plot", help="draw loss / lr / eval curves of one or more runs to a PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or metrics.jsonl files)")
+    p.add_argument("--out", default="curves.png", help="PNG to write (default curves.png)")
+    p.add_argument("--label", action="append", default=[], metavar="NAME",
+                   help="legend name of each run, in order (default: the folder names)")
 
     p = sub.add_parser("new-plugin", help="scaffold a third-party plugin package")
     p.add_argument("name", help="domain name: lowercase letters, digits, '_'")
@@ -246,7 +261,9 @@ def _evaluate_checkpoint(plugin: object, ns: argparse.Namespace) -> int:
     metrics = evaluate_model(plugin, model.to(device), data, cfg, device)
     print(metric_table(metrics, f"{plugin.name}: {ckpt['path']} (step {ckpt['step']})"))
     if ns.json:
-        Path(ns.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        from kpt.engine.progress import dump_json  # NaN (e.g. VAL@FAR n/a) as null
+
+        Path(ns.json).write_text(dump_json(metrics, indent=2) + "\n")
     return 0
 
 
@@ -319,6 +336,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     result = convert_cvlface(args.src, args.dst)
     print(f"converted {args.src} -> {result if result is not None else args.dst}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from kpt.engine.curves import plot_curves
+
+    if args.label and len(args.label) != len(args.runs):
+        raise CliError(f"kpt plot: {len(args.label)} --label for {len(args.runs)} runs; give one "
+                       "per run or none")
+    print(f"wrote {plot_curves(args.runs, args.out, args.label or None)}")
     return 0
 
 
@@ -412,8 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_versions())
             return 0
         handlers = {"train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins,
-                    "convert": cmd_convert, "new-plugin": cmd_new_plugin,
+                    "convert": cmd_convert, "new-plugin": cmd_new_plugin, "plot": cmd_plot,
                     "predict": lambda a: _dispatch(a.domain, "predict", a.rest),
+                    "embed": lambda a: _dispatch(a.domain, "embed", a.rest),
                     "data": lambda a: _dispatch(a.domain, f"data {a.action}", a.rest)}
         if args.command is None:
             build_parser().print_help()

@@ -59,7 +59,9 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "deterministic": False,
         "eval_every": 0,           # steps between evaluations (0: at the end of every epoch)
         "save_every": 0,           # steps between last.pt saves (0: at evaluations and epoch ends)
+        "save_every_minutes": 10.0,  # also save last.pt when this much time passed (0: off)
         "log_every": 50,           # steps between log lines / metrics.jsonl records
+        "logger": "none",          # extra metrics sink: none | tensorboard | package.module:factory
         "num_workers": 0,
         "device": "auto",          # auto | cpu | cuda | cuda:1 ...
         "no_decay": ["pos_embed", "cls_token", "rpe", "relative_position"],  # name fragments
@@ -609,7 +611,7 @@ def _check_numbers(cfg: Config) -> None:
     need(t.epochs >= 0, "epochs", "0 or more (0: train.max_steps decides)")
     need(t.max_steps >= 0, "max_steps", "0 or more (0: train.epochs decide)")
     for key in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "decay_epochs", "clip_grad",
-                "momentum"):
+                "momentum", "save_every_minutes"):
         need(math.isfinite(t[key]) and t[key] >= 0, key, "a finite number >= 0")
     for key in ("eval_every", "save_every", "log_every", "num_workers"):
         need(t[key] >= 0, key, "0 or more")

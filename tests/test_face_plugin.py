@@ -32,7 +32,7 @@ def test_train_smoke_writes_aligned_and_unaligned_accuracy(trained):
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["step"] == 10
     for key in ("aligned_accuracy", "unaligned_accuracy", "unaligned_crop_accuracy", "accuracy"):
-        assert 0.0 <= summary[key] <= 1.0
+        assert 0.0 <= summary[key] <= 100.0  # percent
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["type"] == "train"]
     assert len(losses) == 2 and all(np.isfinite(losses))
@@ -63,7 +63,7 @@ def test_eval_on_written_bin(trained, tmp_path, capsys):
                  "eval.synthetic_pairs=0", "--json", str(out)])
     assert code == 0
     metrics = json.loads(out.read_text())
-    assert 0.0 <= metrics["tiny_lfw/accuracy"] <= 1.0
+    assert 0.0 <= metrics["tiny_lfw/accuracy"] <= 100.0  # percent
     assert not any(k.startswith("synthetic") for k in metrics)  # eval.synthetic_pairs=0
     assert "tiny_lfw" in capsys.readouterr().out
 
@@ -126,7 +126,7 @@ def test_eval_accepts_a_bare_backbone_file(tmp_path):
     out = tmp_path / "metrics.json"
     assert main(["eval", "face", str(path), "--test", str(bin_path), "eval.bin_keypoints=template",
                  "eval.synthetic_pairs=0", "--json", str(out)]) == 0
-    assert 0.0 <= json.loads(out.read_text())["tiny/accuracy"] <= 1.0
+    assert 0.0 <= json.loads(out.read_text())["tiny/accuracy"] <= 100.0  # percent
 
 
 def test_render_cache_returns_identical_items():

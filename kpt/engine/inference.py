@@ -13,6 +13,7 @@ training and evaluation autocast and move data the same way.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from typing import Any
@@ -95,7 +96,8 @@ def _concat(outputs: list[Any]) -> Any:
 def predict(model: nn.Module, data: Iterable[Any] | Dataset,
             forward: Callable[[nn.Module, Any], Any] | None = None, *,
             batch_size: int | None = None, collate_fn: Callable[[list[Any]], Any] | None = None,
-            device: torch.device | str = "cpu", amp: str = "none", concat: bool = True) -> Any:
+            device: torch.device | str = "cpu", amp: str = "none", concat: bool = True,
+            progress: bool | None = None, desc: str = "eval") -> Any:
     """Run ``forward`` over every batch in eval mode, without autograd, under the run's autocast.
 
     Args:
@@ -113,6 +115,8 @@ def predict(model: nn.Module, data: Iterable[Any] | Dataset,
             training saw.
         concat: join the per-batch outputs along dimension 0 (tensors, tuples or dicts of
             tensors); False returns the list of per-batch outputs.
+        progress: show a progress bar named ``desc`` (default: when stderr is a terminal); it
+            disappears when the loop ends.
 
     Returns:
         The outputs on the CPU: e.g. (N, ...) for a forward returning (B, ...) per batch, or a
@@ -136,8 +140,13 @@ def predict(model: nn.Module, data: Iterable[Any] | Dataset,
     try:
         # no_grad rather than inference_mode: buffers a model creates lazily here must stay
         # usable when training continues after the evaluation
+        from tqdm import tqdm
+
+        show = sys.stderr.isatty() if progress is None else progress
+        total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
         with torch.no_grad():
-            for batch in data:
+            for batch in tqdm(data, total=total, desc=desc, unit="batch", leave=False,
+                              file=sys.stderr, disable=not show, dynamic_ncols=True):
                 with autocast_context(amp, device):
                     out = forward(model, move_to_device(batch, device))
                 outputs.append(_to_cpu(out))

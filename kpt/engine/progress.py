@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import platform
 import sys
 import time
@@ -30,17 +31,24 @@ class TqdmLoggingHandler(logging.Handler):
             self.handleError(record)
 
 
+#: loggers the console shows: the core and the built-in plugins (``kpt_plugins.face`` says where
+#: its keypoints come from); a third-party plugin that logs under ``kpt.<name>`` is shown too
+CONSOLE_LOGGERS = ("kpt", "kpt_plugins")
+
+
 def configure_logging(verbose: bool = False, rank: int = 0) -> None:
     """Console logging for the CLI: ``kpt`` INFO messages on rank 0, warnings on the others."""
-    root = logging.getLogger("kpt")
-    for handler in list(root.handlers):
-        if isinstance(handler, TqdmLoggingHandler):
-            root.removeHandler(handler)
-    handler = TqdmLoggingHandler()
-    handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING)
-    root.propagate = False
+    for name in CONSOLE_LOGGERS:
+        root = logging.getLogger(name)
+        for handler in list(root.handlers):
+            if isinstance(handler, TqdmLoggingHandler):
+                root.removeHandler(handler)
+        handler = TqdmLoggingHandler()
+        handler.setFormatter(logging.Formatter("%(message)s" if rank == 0
+                                               else f"[rank {rank}] %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING)
+        root.propagate = False
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -92,6 +100,8 @@ def metric_table(metrics: dict[str, float], title: str) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"  # a metric that could not be computed (e.g. VAL@FAR with too few pairs)
     if isinstance(value, float) and abs(value) >= 100 and math.isfinite(value):
         return f"{value:.1f}"  # throughput, large losses: decimals are noise
     if isinstance(value, float):
@@ -99,6 +109,24 @@ def _fmt(value: Any) -> str:
             return f"{value:.4e}"
         return f"{value:.4f}"
     return str(value)
+
+
+def json_ready(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) replaced by None, so that
+    ``json.dumps(..., allow_nan=False)`` writes valid JSON (``null`` = could not be computed)."""
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, numbers.Real) and not isinstance(obj, numbers.Integral):
+        value = float(obj)  # numpy scalars too
+        return value if math.isfinite(value) else None
+    return obj
+
+
+def dump_json(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON text of ``obj`` (non-finite floats as ``null``, see :func:`json_ready`)."""
+    return json.dumps(json_ready(obj), indent=indent, allow_nan=False, default=float)
 
 
 class MetricsLog:
@@ -137,7 +165,7 @@ class MetricsLog:
         if self.path is None:
             return
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record, default=float) + "\n")
+            fh.write(dump_json(record) + "\n")
 
 
 class Progress:

@@ -44,6 +44,8 @@ LOCK_NAME = ".kpt.lock"
 # Files whose presence means "a run was written here" (checkpoint shards are matched by pattern).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt",
              "weights.safetensors")
+# Written by a run but not a sign of one (a start that failed leaves run.log): replaced by a new run.
+BYPRODUCTS = ("run.log", "curves.png")
 _SHARD = re.compile(r"^(last|best)\.step\d+\.rank\d+\.pt$")
 
 
@@ -257,6 +259,9 @@ def claim_run_dir(folder: str | Path, resume: bool = False, overwrite: bool = Fa
                 (folder / name).unlink(missing_ok=True)
             logger.warning("--overwrite: removed the previous run's files from %s: %s", folder,
                            ", ".join(found))
+        if not resume:  # a new run starts its own console log and curves (a resume appends)
+            for name in BYPRODUCTS:
+                (folder / name).unlink(missing_ok=True)
         clean_stale_tmp(folder)
     except BaseException:
         lock.release()

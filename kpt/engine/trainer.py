@@ -8,7 +8,6 @@ the sampler order is a function of (seed, epoch), so ``--resume`` continues exac
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader
 from kpt.config import Config
 from kpt.data.samplers import ShardedBatchSampler, SkipBatches
 from kpt.engine import checkpoint as ckpt_io
+from kpt.engine.curves import CURVES, plot_curves
 from kpt.engine.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -32,9 +32,11 @@ from kpt.engine.distributed import (
     init_distributed,
 )
 from kpt.engine.inference import autocast_context, move_to_device  # shared with evaluation
+from kpt.engine.interrupt import StopRequest, TrainingInterrupted
+from kpt.engine.loggers import attach_run_log, build_sink, detach_run_log
 from kpt.engine.malloc import keep_freed_memory
 from kpt.engine.optim import build_optimizer, build_scheduler, epochs_needed, total_training_steps
-from kpt.engine.progress import MetricsLog, Progress, header_lines, metric_table
+from kpt.engine.progress import MetricsLog, Progress, dump_json, header_lines, metric_table
 from kpt.engine.rank_local import load_shard, rank_local_names, remove_old_shards, save_shard
 from kpt.engine.run_dir import RunDirError, RunLock, claim_run_dir, new_run_dir
 from kpt.engine.seeding import get_rng_state, seed_everything, set_rng_state, worker_init
@@ -42,6 +44,10 @@ from kpt.errors import UserError
 from kpt.plugin import Plugin, TaskData
 
 logger = logging.getLogger("kpt.engine")
+
+
+#: kpt's one unit, stated in every summary.json: plugins report accuracy-like metrics in percent
+METRIC_UNITS = "percent: accuracy, rank-k, mAP, mINP, VAL; raw: loss, lr, threshold, far, time"
 
 
 def default_run_dir(domain: str, root: str | Path = "runs") -> Path:
@@ -113,6 +119,7 @@ class Trainer:
                             f"items) is smaller than one batch (train.batch_size={t.batch_size}); "
                             f"lower train.batch_size or use more training data")
         self.total_steps = total_training_steps(t.epochs, self.steps_per_epoch, t.max_steps)
+        self.warmup_note = _warmup_note(t, self.steps_per_epoch, self.total_steps)
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.total_steps, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16")
@@ -122,6 +129,8 @@ class Trainer:
         self.best: dict[str, Any] = {}
         self.last_metrics: dict[str, float] = {}
         self.last_eval_step = -1
+        self.last_save_step, self.last_save_time = -1, time.monotonic()
+        self.sink: Any = None  # train.logger (rank 0), built in run()
         if resume is not None:
             self._load(resume)
         else:
@@ -136,6 +145,12 @@ class Trainer:
         self.log = MetricsLog(out_dir / "metrics.jsonl" if info.is_main else None)
         if resume is not None:
             self.log.truncate_after(self.step)  # steps after the checkpoint are trained again
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """One record to metrics.jsonl and to the ``train.logger`` sink (rank 0 only)."""
+        self.log.write(record)
+        if self.sink is not None:
+            self.sink.log(record)
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -174,6 +189,8 @@ class Trainer:
         barrier(self.info)
         if self.local_names:
             remove_old_shards(main, self.step, self.info.rank)
+        if name == "last.pt":
+            self.last_save_step, self.last_save_time = self.step, time.monotonic()
 
     def _load(self, path: Path) -> None:
         ckpt = ckpt_io.load_checkpoint(path, map_location="cpu")
@@ -205,14 +222,16 @@ class Trainer:
                     self.batch_in_epoch)
 
     # -- evaluation -------------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, show: bool = True) -> dict[str, float]:
+        """Run the plugin's evaluation; ``show=False``: no table (the final summary shows it)."""
         metrics: dict[str, float] = {}
         if self.info.is_main:  # the plugin's protocol runs once; the other ranks wait for the result
             metrics = evaluate_model(self.plugin, self.model, self.data, self.cfg, self.device)
         metrics = broadcast_object(metrics, self.info)
         self.last_metrics, self.last_eval_step = metrics, self.step
-        self.log.write({"type": "eval", "step": self.step, "epoch": self.epoch, **metrics})
-        logger.info("%s", metric_table(metrics, f"evaluation at step {self.step}"))
+        self._record({"type": "eval", "step": self.step, "epoch": self.epoch, **metrics})
+        if show:
+            logger.info("%s", metric_table(metrics, f"evaluation at step {self.step}"))
         key = self.plugin.primary_metric
         if key and key in metrics and (not self.best or metrics[key] > self.best["value"]):
             self.best = {"metric": key, "value": metrics[key], "step": self.step}
@@ -256,14 +275,29 @@ class Trainer:
         return float(loss.detach()), logs, n
 
     def run(self) -> dict[str, Any]:
-        t = self.cfg.train
+        """Train to the end (or until a stop request), with the ``train.logger`` sink."""
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.info.is_main:
+                self.sink = build_sink(self.cfg.train.logger, self.out_dir, self.cfg.to_dict())
+            with StopRequest() as stop:
+                return self._run(stop)
+        finally:
+            if self.sink is not None:
+                self.sink.close()
+                self.sink = None
+
+    def _run(self, stop: StopRequest) -> dict[str, Any]:
+        t = self.cfg.train
+        if self.info.is_main:
             (self.out_dir / "config.yaml").write_text(self.cfg.to_yaml())
             for line in header_lines(self.plugin.name, self.device, self.info.world_size, self.model,
                                      len(self.data.train), self.data.evals, self.out_dir,
                                      self.total_steps, self.steps_per_epoch):
                 logger.info("%s", line)
+            if self.warmup_note:
+                logger.warning("%s", self.warmup_note)
         start = time.perf_counter()
         progress = Progress(self.total_steps, self.step, enabled=self.info.is_main)
         window: dict[str, float] = {}
@@ -285,14 +319,16 @@ class Trainer:
                         elapsed = max(time.perf_counter() - window_start, 1e-9)
                         record = {**avg, "lr": self.optimizer.param_groups[0]["lr"],
                                   "img_s": window_images * self.info.world_size / elapsed}
-                        self.log.write({"type": "train", "step": self.step, "epoch": self.epoch,
-                                        **record})
+                        self._record({"type": "train", "step": self.step, "epoch": self.epoch,
+                                      **record})
                         window, window_n, window_images = {}, 0, 0
                         window_start = time.perf_counter()
                         progress.update(self.step, record, log_line=True)
                     else:
                         progress.update(self.step, {"loss": loss}, log_line=False)
-                    if t.eval_every > 0 and self.step % t.eval_every == 0:
+                    # the last step's evaluation runs after the loop, shown once in the summary
+                    if (t.eval_every > 0 and self.step % t.eval_every == 0
+                            and self.step < self.total_steps):
                         self.evaluate()
                     if self.batch_in_epoch == self.steps_per_epoch:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -304,27 +340,68 @@ class Trainer:
                         self.save()
                     if self.step >= self.total_steps:
                         break
+                    self._save_if_due_or_stop(stop)
         finally:
             progress.close()
         assert_in_sync(self.model, self.info, skip=self.local_names)
         if self.last_eval_step != self.step:
-            self.evaluate()
+            self.evaluate(show=False)
         self.save()
         return self._finish(time.perf_counter() - start)
+
+    def _save_if_due_or_stop(self, stop: StopRequest) -> None:
+        """After a step: save when ``train.save_every_minutes`` passed; on a stop request save and
+        raise :class:`TrainingInterrupted`. Every rank takes the same decision (saving is collective)."""
+        minutes = self.cfg.train.save_every_minutes
+        due = minutes > 0 and time.monotonic() - self.last_save_time >= 60 * minutes
+        flags = all_reduce_mean({"stop": float(stop.requested), "due": float(due)}, self.info)
+        stopping = flags["stop"] > 0  # any rank was signalled: all stop
+        if (stopping or flags["due"] > 0) and self.last_save_step != self.step:
+            self.save()
+        if not stopping:
+            return
+        path = self.out_dir / "last.pt"
+        message = (f"interrupted ({stop.signal_name or 'another process'}) at step {self.step}/"
+                   f"{self.total_steps}, epoch {self.epoch}: saved {path} (weights, optimizer, "
+                   f"schedule and RNG states: `--resume {path}` continues exactly); not saved: "
+                   f"summary.json, weights.safetensors and curves.png (written at the end of the "
+                   f"run); no evaluation at this step"
+                   + (f"; best.pt is from step {self.best['step']}" if self.best else ""))
+        if self.info.is_main:
+            logger.warning("%s", message)
+        raise TrainingInterrupted(message, path, self.step)
 
     def _finish(self, seconds: float) -> dict[str, Any]:
         summary: dict[str, Any] = dict(self.last_metrics)
         summary.update({"step": self.step, "epoch": self.epoch, "train_time_s": round(seconds, 3)})
+        summary["units"] = METRIC_UNITS
         if self.best:
             summary[f"best_{self.best['metric']}"] = self.best["value"]
             summary["best_step"] = self.best["step"]
         if self.info.is_main:
             ckpt_io.save_weights(self.model, self.out_dir / "weights.safetensors", self.plugin.name,
                                  self.cfg.to_dict(), self.data.info, exclude=self.local_names)
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (self.out_dir / "summary.json").write_text(dump_json(summary, indent=2) + "\n")
             logger.info("%s", metric_table(summary, f"summary ({self.out_dir})"))
+            try:
+                plot_curves([self.out_dir], self.out_dir / CURVES)
+            except Exception as exc:  # noqa: BLE001 - a drawing problem must not fail a finished run
+                logger.warning("could not draw %s: %s", self.out_dir / CURVES, exc)
         barrier(self.info)
         return summary
+
+
+def _warmup_note(t: Any, steps_per_epoch: int, total_steps: int) -> str:
+    """What the log says when ``train.max_steps`` cuts a run whose warm-up is given in epochs: the
+    warm-up keeps its length in steps (epochs × steps per epoch), so it takes a larger share."""
+    planned = t.epochs * steps_per_epoch
+    warmup = round(t.warmup_epochs * steps_per_epoch)
+    if not warmup or not t.max_steps or total_steps >= planned:
+        return ""
+    share = 100.0 * min(warmup, total_steps) / max(1, total_steps)
+    return (f"train.max_steps={t.max_steps} cuts the run to {total_steps} of {planned} steps; the "
+            f"warm-up (train.warmup_epochs={t.warmup_epochs:g} = {warmup} steps) is not scaled and "
+            f"takes {share:.0f}% of the run; lower train.warmup_epochs to shorten it")
 
 
 def train(plugin: Plugin, cfg: Config, out_dir: str | Path | None = None,
@@ -347,6 +424,7 @@ def train(plugin: Plugin, cfg: Config, out_dir: str | Path | None = None,
     started_group = not (dist.is_available() and dist.is_initialized())
     info, device = init_distributed(cfg.train.device)
     lock: RunLock | None = None
+    handler = None
     try:
         claimed: tuple[str | None, str | None] = (None, None)  # (run folder, refusal message)
         if info.is_main:  # only rank 0 writes to the run folder, so only it names, checks and locks it
@@ -363,9 +441,13 @@ def train(plugin: Plugin, cfg: Config, out_dir: str | Path | None = None,
         folder, refused = broadcast_object(claimed, info)  # every rank stops, or none
         if refused is not None:
             raise RunDirError(refused)
+        if info.is_main:  # from here on, what the console shows is also kept in OUT/run.log
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            handler = attach_run_log(Path(folder))
         trainer = Trainer(plugin, cfg, Path(folder), Path(resume) if resume else None, info, device)
         return trainer.run()
     finally:
+        detach_run_log(handler)
         if lock is not None:
             lock.release()
         if started_group and info.enabled and dist.is_initialized():

@@ -98,7 +98,7 @@ class PluginError(RuntimeError):
     """A plugin is unknown, broken, conflicting or violates the contract."""
 
 
-_KNOWN_COMMANDS = ("data get", "data prepare", "data validate", "predict", "eval")
+_KNOWN_COMMANDS = ("data get", "data prepare", "data validate", "predict", "embed", "eval")
 
 
 def validate_plugin(obj: Any, where: str) -> list[str]:

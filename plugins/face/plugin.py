@@ -166,6 +166,8 @@ def build_train_set(cfg: Config) -> tuple[Any, dict]:
                                             allow_sparse=bool(d.allow_sparse_labels))
         info = {"name": Path(d.root).name, "synthetic": False, "num_classes": int(num_classes),
                 "num_images": len(dataset)}
+        logger.info("training data %s: %d images, %d identities; keypoints: %s", d.root,
+                    len(dataset), int(num_classes), dataset.keypoint_source)
         return dataset, info
     if d.name != "synthetic":  # e.g. --data lfw: a verification set, not training data
         raise DataError(f"--data {d.name!r} (data.name): face trains on 'synthetic' or on a path "
@@ -176,6 +178,8 @@ def build_train_set(cfg: Config) -> tuple[Any, dict]:
 
     dataset = SyntheticFaces(d.num_identities, d.images_per_identity, "aligned", d.seed)
     info = dict(dataset.info)
+    logger.info("training data: synthetic faces, %d images, %d identities; keypoints: ground "
+                "truth of the renderer", len(dataset), d.num_identities)
     return (RenderCache(dataset) if d.cache else dataset), info
 
 
@@ -207,24 +211,37 @@ class RenderCache(Dataset):
 
 
 def resolve_bin(name: str, cfg: Config) -> Path:
-    """A ``--test`` entry → the ``.bin`` file (a path, or ``<bin_root|data.root>/<name>.bin``)."""
+    """A ``--test`` entry → the ``.bin`` file: a path, or ``<name>.bin`` in ``eval.bin_root``,
+    ``data.root`` or the current folder (in that order)."""
     path = Path(name)
     if path.suffix == ".bin" or path.exists():
         return path
-    for root in (cfg.eval.bin_root, cfg.data.root):
+    for root in (cfg.eval.bin_root, cfg.data.root, "."):
         if root and (Path(root) / f"{name}.bin").is_file():
             return Path(root) / f"{name}.bin"
     from .data.checks import MissingDataError
 
-    raise MissingDataError(f"--test {name}: no {name}.bin under eval.bin_root or data.root; pass "
-                            f"the .bin path")
+    looked = [str(Path(r) / f"{name}.bin") for r in (cfg.eval.bin_root, cfg.data.root, ".") if r]
+    raise MissingDataError(f"--test {name}: no {name}.bin (looked for {', '.join(looked)}); pass "
+                           f"the .bin path or set eval.bin_root=FOLDER")
+
+
+def wants_synthetic_sets(cfg: Config) -> bool:
+    """The synthetic protocols are evaluated for synthetic training data, or when asked
+    (``--test synthetic``); a run on real data (``--data PATH``) does not select ``best.pt`` on
+    them. ``eval.synthetic_pairs=0`` turns them off in every case."""
+    return cfg.eval.synthetic_pairs > 0 and (not cfg.data.root or "synthetic" in cfg.eval.test)
 
 
 def build_eval_sets(cfg: Config) -> dict[str, PairSet]:
-    """Synthetic aligned / unaligned pair sets (unless eval.synthetic_pairs=0) and ``.bin`` sets."""
+    """Synthetic aligned / unaligned pair sets (see :func:`wants_synthetic_sets`) and ``.bin``
+    sets."""
     e = cfg.eval
     sets: dict[str, PairSet] = {}
-    if e.synthetic_pairs > 0:
+    if cfg.data.root and e.synthetic_pairs > 0 and "synthetic" not in e.test:
+        logger.info("real training data: the synthetic verification sets are skipped (add "
+                    "--test synthetic to evaluate them too)")
+    if wants_synthetic_sets(cfg):
         for protocol in e.protocols:
             kp = e.aligned_keypoints if protocol == "aligned" else e.unaligned_keypoints
             pairs = synthetic_pair_set(protocol, e.synthetic_pairs, e.seed, kp)
@@ -245,6 +262,12 @@ def build_eval_sets(cfg: Config) -> dict[str, PairSet]:
             continue
         pairs = load_bin_set(resolve_bin(name, cfg), e.bin_keypoints, e.bin_limit or None)
         sets[pairs.name] = pairs
+        logger.info("eval set %s: %d pairs, keypoints %s (face found in %d of %d images)",
+                    pairs.name, len(pairs), e.bin_keypoints, int(pairs.found.sum()),
+                    int(pairs.found.numel()))
+    if not sets:
+        logger.warning("no verification set: nothing is evaluated and best.pt is not written; "
+                       "pass --test lfw cfp_fp ... (.bin files) or --test synthetic")
     return sets
 
 
@@ -265,21 +288,41 @@ def build_data(cfg: Config) -> TaskData:
 
 
 # ------------------------------------------------------------------------------------------ eval
+#: the FAR at which kpt.metrics.verification reports VAL (insightface: 1e-3)
+VAL_FAR = 1e-3
+#: rates reported in percent (kpt's unit for accuracy-like metrics); threshold and far stay raw
+PERCENT_FIELDS = ("accuracy", "accuracy_std", "val", "val_std")
+
+
+def val_computable(pairs: PairSet, folds: int = 10, far: float = VAL_FAR) -> bool:
+    """VAL@FAR needs at least 1/far impostor pairs in every training fold: with fewer, the FAR
+    target lies below one false accept and the "VAL" is that of another operating point."""
+    impostors = int((~pairs.issame.bool()).sum())
+    folds = min(folds, len(pairs))
+    return folds > 1 and impostors * (folds - 1) / folds * far >= 1
+
+
 def evaluate_sets(model: nn.Module, sets: dict[str, PairSet], cfg: Config,
                   device: torch.device) -> dict[str, float]:
-    """Flat metrics: ``<set>/accuracy|threshold|val|far``, ``aligned_accuracy``,
-    ``unaligned_accuracy`` (synthetic protocols) and ``accuracy`` (mean over sets)."""
+    """Flat metrics: ``<set>/accuracy|accuracy_std|threshold|val|far``, ``aligned_accuracy``,
+    ``unaligned_accuracy`` (synthetic protocols) and ``accuracy`` (mean over sets; absent without
+    sets, so that no ``best.pt`` is chosen on nothing). Accuracies and VAL are in percent; VAL is NaN
+    (``n/a`` in tables, ``null`` in JSON) where :func:`val_computable` says it cannot be measured."""
     metrics: dict[str, float] = {}
     accs = []
     for key, pairs in sets.items():
         res = evaluate_pairs(model, pairs, cfg.eval.batch_size, device, cfg.eval.flip,
                              amp=cfg.train.amp)
+        res = {k: 100.0 * v if k in PERCENT_FIELDS else v for k, v in res.items()}
+        if not val_computable(pairs):
+            res["val"] = float("nan")
         for field in ("accuracy", "accuracy_std", "threshold", "val", "far"):
             metrics[f"{pairs.name}/{field}"] = res[field]
         if key in ("aligned", "unaligned", "unaligned_crop"):
             metrics[f"{key}_accuracy"] = res["accuracy"]
         accs.append(res["accuracy"])
-    metrics["accuracy"] = float(sum(accs) / len(accs)) if accs else 0.0
+    if accs:
+        metrics["accuracy"] = float(sum(accs) / len(accs))
     return metrics
 
 
@@ -312,7 +355,7 @@ def sweep_metrics(model: nn.Module, sets: dict[str, PairSet], cfg: Config, devic
     if e.sweep_out:
         csv_path, png_path = write_sweep({"model": rows}, e.sweep_out)
         logger.info("wrote %s%s", csv_path, f" and {png_path}" if png_path else "")
-    return {f"sweep/t={r['t']:.2f}": r["accuracy"] for r in rows}
+    return {f"sweep/t={r['t']:.2f}": 100.0 * r["accuracy"] for r in rows}  # percent
 
 
 def load_foreign(path: str | Path, input_mean: float = 127.5, input_std: float = 127.5
@@ -344,6 +387,12 @@ def _predict_command(argv: list[str]) -> int:
     return predict_main(argv)
 
 
+def _embed_command(argv: list[str]) -> int:
+    from .embed import embed_main
+
+    return embed_main(argv)
+
+
 def _data_prepare(argv: list[str]) -> int:
     from .data_commands import prepare
 
@@ -367,7 +416,7 @@ PLUGIN = Plugin(
     evaluate=evaluate,
     datasets=DATASETS,
     keypoint_sources={"retinaface": "kpt_plugins.face.retinaface.detector:RetinaFaceKeypoints"},
-    commands={"predict": _predict_command,
+    commands={"predict": _predict_command, "embed": _embed_command,
               "data prepare": _data_prepare, "data validate": _data_validate},
     primary_metric="accuracy",
     check_config={"data.num_identities": 4, "data.images_per_identity": 4,

@@ -178,10 +178,12 @@ def validate_tree(root: Path, split_name: str = SPLIT_NAME) -> list[str]:
 
 
 def validate_main(argv: list[str]) -> int:
-    """``kpt data validate gait [--root] DIR``: reports gaps in a prepared tree (exit 1 if any)."""
+    """``kpt data validate gait --data DIR`` (or ``DIR``, ``--root DIR``): reports gaps in a
+    prepared tree (exit 1 if any)."""
     parser = argparse.ArgumentParser(prog="kpt data validate gait")
     parser.add_argument("root", type=Path, nargs="?", default=None, help="prepared data folder")
-    parser.add_argument("--root", "--data-root", dest="root_opt", type=Path, default=None)
+    parser.add_argument("--data", "--root", "--data-root", dest="root_opt", type=Path, default=None,
+                        help="prepared data folder (--data as in every plugin's validate)")
     parser.add_argument("--split-name", default=SPLIT_NAME)
     args = parser.parse_args(_strip_dataset_name(argv, ("gait3d", "gait", "synthetic")))
     root = args.root_opt or args.root

@@ -309,6 +309,24 @@ def data_get_command(argv: list[str]) -> int:
 
 
 
+def data_validate_command(argv: list[str]) -> int:
+    """``kpt data validate mnist --data PATH``: check an ``mnist.npz`` or a folder of IDX files
+    (shapes, dtypes, labels 0-9); exit 1 when nothing MNIST-like is there."""
+    parser = argparse.ArgumentParser(
+        prog="kpt data validate mnist",
+        description="check MNIST files: a folder with mnist.npz or the four IDX files, or the .npz")
+    parser.add_argument("--data", required=True, help="folder or .npz file (data.root)")
+    args = parser.parse_args([a for a in argv if a != "mnist"])
+    arrays = load_mnist_root(args.data)  # MnistDataError (a DataError) names the bad file
+    if arrays is None:
+        print(f"{args.data}: no {NPZ_NAME} and no MNIST IDX files "
+              f"({', '.join(stem for stem, _ in IDX_FILES.values())}[.gz])")
+        return 1
+    sizes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
+    print(f"{args.data}: ok ({sizes})")
+    return 0
+
+
 def synthetic_mnist(n_train: int = 2000, n_test: int = 500, seed: int = 0) -> dict[str, np.ndarray]:
     """Tiny stand-in digits for dry runs and tests (no download): class c is a stroke through the
     centre at c·18°, jittered by up to 2 px. Same keys, dtypes and 28×28 shape as MNIST."""

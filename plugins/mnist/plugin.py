@@ -22,7 +22,12 @@ from kpt_plugins.mnist.affnist import (
     make_affnist_synth,
     synth_variant,
 )
-from kpt_plugins.mnist.data import data_get_command, load_mnist, synthetic_mnist
+from kpt_plugins.mnist.data import (
+    data_get_command,
+    data_validate_command,
+    load_mnist,
+    synthetic_mnist,
+)
 from kpt_plugins.mnist.keypoints import box_keypoints_batched
 from kpt_plugins.mnist.model import POS_VARIANTS, build_digit_vit
 from torch import Tensor, nn
@@ -197,7 +202,7 @@ PLUGIN = Plugin(
     evaluate=evaluate,
     datasets=("mnist", "synthetic", "affnist", "affnist-synth"),
     keypoint_sources={"box": "kpt_plugins.mnist.keypoints:BoxKeypoints"},
-    commands={"data get": data_get_command},
+    commands={"data get": data_get_command, "data validate": data_validate_command},
     primary_metric="mnist_acc",
     check_config={"data.name": "synthetic", "data.synthetic_train": 64, "data.synthetic_test": 32,
                   "eval.test": ["affnist-synth"], "eval.subsets": False, "model.depth": 1,

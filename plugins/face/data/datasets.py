@@ -137,6 +137,9 @@ class FaceDataset(Dataset):
             _, source = open_face_source(data_path)
         self.source = source
         self.transform = transform
+        # where the keypoints come from, for the run header: "given", "landmark cache PATH (...)"
+        # or "template"
+        self.keypoint_source = "given"
         if isinstance(keypoints, str):
             if keypoints != "auto":
                 raise ValueError(f"keypoints must be an array, None or 'auto', got {keypoints!r}")
@@ -145,9 +148,14 @@ class FaceDataset(Dataset):
                 from .landmarks_cache import cache_path, read_landmarks
 
                 if cache_path(data_path).is_file():
-                    keypoints, _ = read_landmarks(cache_path(data_path), expected=len(source))
+                    keypoints, scores = read_landmarks(cache_path(data_path), expected=len(source))
                     log.info("%s: keypoints from %s", data_path, cache_path(data_path))
+                    found = (f"face found in {int((scores > 0).sum())} of {len(scores)} images"
+                             if scores is not None else "no detection scores")
+                    self.keypoint_source = f"landmark cache {cache_path(data_path)} ({found})"
         if keypoints is None:
+            self.keypoint_source = ("template (ArcFace five points; no landmark cache: run "
+                                    "`kpt data prepare face` to detect them)")
             keypoints = np.broadcast_to(ARCFACE_TEMPLATE_112 / 112.0, (len(source), 5, 2))
         keypoints = np.asarray(keypoints, dtype=np.float32)
         if keypoints.shape != (len(source), 5, 2):
