@@ -146,8 +146,8 @@ def test_scaffold_trains_on_image_folders_and_offers_commands(tmp_path, monkeypa
     the package's `data validate` and `predict` commands work on a run folder."""
     from PIL import Image
 
-    from kpt import plugin as plugin_mod
-    from kpt.templates import write_plugin_package
+    from kpt.plugin import discovery as plugin_mod
+    from kpt.plugin.scaffold import write_plugin_package
 
     folder = write_plugin_package("xray", tmp_path)
     monkeypatch.syspath_prepend(str(folder))

@@ -183,7 +183,7 @@ def test_eval_face_with_onnx_weights(tiny, tmp_path):
     weights = str(root / "plain.onnx")
     assert main(["eval", "face", "--weights", weights, *_EVAL, "--json", str(out)]) == 0
     metrics = json.loads(out.read_text())
-    assert 0.0 <= metrics["aligned_accuracy"] <= 1.0
+    assert 0.0 <= metrics["aligned_accuracy"] <= 100.0
     # the normalisation options reach the model: raw pixels give other embeddings
     out3 = tmp_path / "metrics3.json"
     assert main(["eval", "face", "--weights", weights, *_EVAL, "eval.input_mean=0",
@@ -306,7 +306,7 @@ def test_eval_takes_insightface_weights(tmp_path, capsys):
     out = tmp_path / "m.json"
     assert main(["eval", "face", "--weights", str(tmp_path / "backbone.pth"), *_EVAL,
                  "--json", str(out)]) == 0
-    assert 0.0 <= json.loads(out.read_text())["aligned_accuracy"] <= 1.0
+    assert 0.0 <= json.loads(out.read_text())["aligned_accuracy"] <= 100.0
     from kpt_plugins.face.predict import load_face_backbone  # what `kpt predict face` loads
 
     x = torch.randn(1, 3, 112, 112)

@@ -160,8 +160,8 @@ def test_feature_cache_is_reused(tmp_path):
 
 
 def test_board_row_and_files(tmp_path):
-    metrics = {"lfw/accuracy": 0.9982, "cplfw/accuracy": 0.9565, "cfp_fp/accuracy": 0.993,
-               "calfw/accuracy": 0.9593, "agedb_30/accuracy": 0.981,
+    metrics = {"lfw/accuracy": 99.82, "cplfw/accuracy": 95.65, "cfp_fp/accuracy": 99.3,
+               "calfw/accuracy": 95.93, "agedb_30/accuracy": 98.1,
                "ijbb/tar@far=1e-4": 96.55, "ijbc/tar@far=1e-4": 97.82,
                "tinyface/rank1": 76.10, "tinyface/rank5": 78.92}
     row = board_row(metrics)

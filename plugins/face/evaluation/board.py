@@ -41,7 +41,7 @@ BOARD_TESTS = ("ijbb", "ijbc", "ijbb_unaligned", "ijbc_unaligned", "tinyface", "
 #: The verification ``.bin`` sets of the board, in column order.
 BOARD_BINS = ("lfw", "cplfw", "cfp_fp", "calfw", "agedb_30")
 _BOARD_FAR = far_key(1e-4)
-#: (column, metric key); values in [0, 1] (``/accuracy``) are shown ×100.
+#: (column, metric key); every value in percent (the face plugin reports accuracy in percent).
 COLUMNS = (
     ("LFW", "lfw/accuracy"), ("CPLFW", "cplfw/accuracy"), ("CFP-FP", "cfp_fp/accuracy"),
     ("CALFW", "calfw/accuracy"), ("AgeDB", "agedb_30/accuracy"),
@@ -160,8 +160,6 @@ def board_row(metrics: dict[str, float]) -> dict[str, float | None]:
     row: dict[str, float | None] = {}
     for column, key in COLUMNS:
         value = metrics.get(key)
-        if value is not None and key.endswith("/accuracy"):
-            value = 100.0 * value
         row[column] = None if value is None or not math.isfinite(value) else float(value)
     seed = [row[c] for c, _ in COLUMNS[:_AVERAGED]]
     avg = sum(seed) / len(seed) if all(v is not None for v in seed) else None  # type: ignore[arg-type,misc]
