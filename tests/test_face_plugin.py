@@ -161,3 +161,22 @@ def test_train_on_recordio_path(tmp_path):
     assert summary["step"] == 2
     model = kpt.load_model(str(out / "weights.safetensors"))
     assert model.head.weight.shape[0] == 3  # identities read from the RecordIO property
+
+
+def test_loaded_model_takes_what_docs_face_md_says(trained):
+    """docs/face.md "Using a model in Python": RGB in [-1, 1], keypoints (B, 5, 2) in [0, 1]; the
+    embeddings equal those of the plugin's own evaluation path (without flip fusion)."""
+    from kpt_plugins.face.evaluation.verification import embed
+    from kpt_plugins.face.synthetic.dataset import SyntheticFaces
+
+    faces = SyntheticFaces(num_identities=2, images_per_identity=1, split="unaligned", seed=3)
+    images = torch.stack([faces[i]["image"] for i in range(2)])  # (2, 3, 112, 112) uint8
+    keypoints = torch.stack([faces[i]["keypoints"] for i in range(2)])
+    model = kpt.load_model(trained).eval()
+    with torch.no_grad():
+        documented = torch.nn.functional.normalize(model(images.float() / 127.5 - 1, keypoints))
+        unit_range = torch.nn.functional.normalize(model(images.float() / 255, keypoints))
+    reference = embed(model, images, keypoints, flip=False)
+    assert documented.shape == (2, 16)
+    torch.testing.assert_close(documented, reference, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(unit_range, reference, atol=1e-3)  # the range matters
