@@ -65,7 +65,24 @@ def test_eval_on_written_bin(trained, tmp_path, capsys):
                  "eval.synthetic_pairs=0", "--json", str(out)])
     assert code == 0
     metrics = json.loads(out.read_text())
-    assert 0.0 <= metrics["tiny_lfw/accuracy"] <= 1.0
+    # the same figure recomputed here: template keypoints, flip fusion (mirror the image, x -> 1 - x,
+    # swap the eyes and the mouth corners), cosine scores, insightface folds (one pair per fold)
+    from kpt_plugins.face.data.bin_pairs import load_bin
+
+    from kpt.metrics import verification
+
+    images = load_bin(path).images.float() / 127.5 - 1
+    template = torch.tensor([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                             [41.5493, 92.3655], [70.7299, 92.2041]]) / 112
+    keypoints = template.expand(len(images), 5, 2)
+    mirrored = keypoints[:, [1, 0, 2, 4, 3]] * torch.tensor([-1.0, 1.0]) + torch.tensor([1.0, 0.0])
+    model = kpt.load_model(trained).eval()
+    with torch.no_grad():
+        emb = model(images, keypoints) + model(images.flip(-1), mirrored)
+    emb = torch.nn.functional.normalize(emb, dim=1)
+    expected = verification(emb[0::2], emb[1::2], pairs.issame, folds=10)
+    assert metrics["tiny_lfw/accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
+    assert metrics["tiny_lfw/threshold"] == pytest.approx(expected["threshold"], abs=1e-6)
     assert not any(k.startswith("synthetic") for k in metrics)  # eval.synthetic_pairs=0
     assert "tiny_lfw" in capsys.readouterr().out
 
