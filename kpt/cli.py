@@ -19,7 +19,7 @@ examples:
   kpt plugins check mnist                        tiny CPU dry run of a plugin's contract
   kpt train mnist --test affnist                 train MNIST, test on affNIST
   kpt train mnist train.lr=5e-4 model.depth=4    dotted overrides, cast to the declared types
-  kpt train face --config my.yaml --print-config show the merged config and exit
+  kpt train face --config my.yaml --print-config  show the merged config and exit
   kpt train mnist --resume auto                  continue the newest run of the domain exactly
   torchrun --nproc-per-node 4 -m kpt train face  DDP on 4 GPUs (train.batch_size is global)
   kpt eval mnist runs/mnist/20250101-120000/best.pt --test affnist
@@ -278,6 +278,11 @@ def _dispatch(domain: str, command: str, rest: Sequence[str]) -> int:
         owners = [e.name for e in list_plugins() if e.plugin and domain in e.plugin.datasets]
         if len(owners) == 1:
             domain, rest = owners[0], [domain, *rest]
+        elif owners:  # e.g. `synthetic`: several plugins have one
+            offer = [name for name in owners if command in load_plugin(name).commands] or owners
+            raise CliError(f"dataset {domain!r} is declared by the plugins {', '.join(owners)}: "
+                           f"name the plugin instead: "
+                           + " or ".join(f"`kpt {command} {name} ...`" for name in offer))
     plugin = load_plugin(domain)
     fn = plugin.commands.get(command)
     if fn is None:

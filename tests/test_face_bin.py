@@ -51,8 +51,29 @@ def test_python2_style_byte_strings(tmp_path):
 
 
 def test_resizes_other_sizes(tmp_path):
-    write_bin(tmp_path / "cfp_fp.bin", _faces(2, 128), np.array([False]))
-    assert load_bin(tmp_path / "cfp_fp.bin").images.shape == (2, 3, 112, 112)
+    square = _faces(2, 128)  # 4×4 blocks of 32 pixels: 28 pixels each at 112
+    write_bin(tmp_path / "cfp_fp.bin", square, np.array([False]))
+    images = load_bin(tmp_path / "cfp_fp.bin").images
+    assert images.shape == (2, 3, 112, 112)
+    for row in range(4):
+        for col in range(4):  # block centres keep their colour (JPEG: a few levels off)
+            got = images[:, :, 14 + 28 * row, 14 + 28 * col].numpy().astype(int)
+            assert np.abs(got - square[:, 16 + 32 * row, 16 + 32 * col].astype(int)).max() < 12
+
+
+def test_resize_keeps_the_centre_of_a_tall_image(tmp_path):
+    """160×128 (H×W): scaled by 112/128 to 140×112, then rows 14..125 kept (original 16..143)."""
+    tall = np.zeros((2, 160, 128, 3), np.uint8)  # rows 0-15 and 144-159 black: cropped away
+    tall[:, 16:80] = (255, 0, 0)  # red: 56 rows at 112
+    tall[:, 80:144] = (0, 255, 0)  # green: 56 rows
+    write_bin(tmp_path / "tall.bin", tall, np.array([True]))
+    images = load_bin(tmp_path / "tall.bin").images.numpy().astype(int)
+    assert images.shape == (2, 3, 112, 112)
+    red, green = np.array([255, 0, 0]), np.array([0, 255, 0])
+    for r in (2, 28, 52):
+        assert np.abs(images[:, :, r, 56] - red).max() < 12, r
+    for r in (60, 84, 109):
+        assert np.abs(images[:, :, r, 56] - green).max() < 12, r
 
 
 class _Exploit:

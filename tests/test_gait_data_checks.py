@@ -51,7 +51,7 @@ def test_data_dir_without_split_file_is_refused_and_left_untouched(tmp_path):
     cfg = build_config(PLUGIN, data=str(data), overrides=[f"data.cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(DataError, match=r"Gait3D\.json: split file missing") as info:
         build_data(cfg)
-    assert str(data) in str(info.value) and "kpt data get synthetic" in str(info.value)
+    assert str(data) in str(info.value) and "kpt data get gait --dst" in str(info.value)
     assert _listing(data) == before  # no synthetic walkers written into the user's folder
     assert not (tmp_path / "cache").exists()  # nor anywhere else
 

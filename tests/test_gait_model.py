@@ -75,8 +75,19 @@ def test_kprpe_needs_keypoints():
 
 def test_sixteen_parts_drop_the_detached_copy():
     model = SwinGait2D(pos="none", num_classes=4, **{**CPU, "parts": 16}).eval()
-    out = model(torch.rand(1, 3, 32, 22))
+    images = torch.rand(2, 3, 32, 22)
+    out = model(images)
     assert out["embeddings"].shape[-1] == 15 and model.fcs.fc_bin.shape[0] == 16
+    # the 16th part only carries weights (to load 16-bin heads): changing them changes no output,
+    # and no loss on the outputs sends it a gradient
+    with torch.no_grad():
+        model.fcs.fc_bin[15].normal_()
+        model.bnneck.fc_bin[15].normal_()
+    again = model(images)
+    for key in ("embeddings", "bn_embeddings", "logits"):
+        assert torch.equal(out[key], again[key]), key
+    sum(v.sum() for v in again.values()).backward()
+    assert model.fcs.fc_bin.grad[15].abs().max() == 0 and model.fcs.fc_bin.grad[:15].abs().max() > 0
 
 
 def test_param_groups_follow_opengait():

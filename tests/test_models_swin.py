@@ -113,6 +113,30 @@ def test_patch_merging_pads_odd_maps():
         assert merge(torch.randn(2, 37, 19, 8)).shape == (2, 19, 10, 16)
 
 
+@pytest.mark.parametrize("style", ["v1", "v2"])
+def test_patch_merging_gathers_neighbours_in_official_order(style):
+    """The 4C vector at output (i, j) is [x(2i,2j), x(2i+1,2j), x(2i,2j+1), x(2i+1,2j+1)] (official
+    Swin / torchvision order: row offset first), with zeros where an odd map was padded."""
+    h, w, c = 5, 3, 2
+    x = torch.tensor([[[1000.0 * r + 10 * col + ch + 1 for ch in range(c)] for col in range(w)]
+                      for r in range(h)])[None]  # (1, H, W, C): every value names its place
+    merge = PatchMerging(c, style)
+    first = merge.norm if style == "v1" else merge.reduction  # the layer that sees the 4C vectors
+    seen = []
+    first.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    merge(x)
+    gathered = seen[0]
+    assert gathered.shape == (1, 3, 2, 4 * c)
+    for i in range(3):
+        for j in range(2):
+            expected = []
+            for dr, dc in ((0, 0), (1, 0), (0, 1), (1, 1)):
+                r, col = 2 * i + dr, 2 * j + dc
+                expected += [float(x[0, r, col, ch]) if r < h and col < w else 0.0
+                             for ch in range(c)]
+            assert gathered[0, i, j].tolist() == expected, (i, j)
+
+
 def test_swin_v2_s_kprpe_preset():
     with torch.device("meta"):  # structure only (official parity is checked outside CI)
         model = kpt.create_model("swin_v2_s_kprpe")

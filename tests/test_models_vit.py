@@ -83,6 +83,18 @@ def test_keypoint_errors_are_clear():
         model(images, bad)
 
 
+def test_flatten_features_are_token_major_and_row_major():
+    """flatten_bn features (B, N·D): token n = row·W + col occupies columns [n·D, (n+1)·D)."""
+    model = kpt.create_model("vit", head="flatten_bn", num_classes=0, pos="none",
+                             **{**TINY, "depth": 0}).eval()  # no attention: tokens stay apart
+    blank = torch.zeros(1, 3, 32, 32)
+    lit = blank.clone()
+    lit[0, :, 8:16, 16:24] = 1.0  # the patch at grid row 1, column 2 of the 4×4 grid
+    with torch.no_grad():
+        changed = (model(lit) - model(blank)).reshape(16, 32).abs().amax(dim=1) > 1e-6
+    assert changed.nonzero().flatten().tolist() == [1 * 4 + 2]
+
+
 def test_heads_and_features():
     images, keypoints = _inputs()
     flat = kpt.create_model("vit", head="flatten_bn", num_classes=0, **TINY)

@@ -49,8 +49,17 @@ def test_lazy_component_is_imported_only_on_create():
 
 
 def test_public_api_names_and_unknown_kind():
-    assert isinstance(kpt.list(), dict) and "model" in kpt.list()
-    assert isinstance(kpt.list_models(), list)
+    listed = kpt.list()
+    # the kinds and names that DESIGN §4 promises (core backbones, built-in plugin components, metrics)
+    assert {"model", "head", "keypoints", "dataset", "metric"} <= set(listed)
+    assert {"vit", "swin", "vit_small_kprpe", "vit_base_kprpe"} <= set(listed["model"])
+    assert {"adaface", "arcface", "cosface", "kappaface"} <= set(listed["head"])
+    assert {"retinaface", "box"} <= set(listed["keypoints"])
+    assert {"face-synthetic", "face-data"} <= set(listed["dataset"])
+    assert {"verification", "tar_at_far", "identification", "retrieval"} <= set(listed["metric"])
+    assert kpt.list_models() == listed["model"]
+    assert kpt.list_models("vit*") == sorted(n for n in listed["model"] if n.startswith("vit"))
+    assert kpt.list("head") == {"head": listed["head"]}
     with pytest.raises(registry.RegistryError, match="Did you mean 'model'"):
         kpt.create("modle", "vit")
 

@@ -71,6 +71,26 @@ class TinyNet(nn.Module):
         return logits
 
 
+class BrightestPixel:
+    """Keypoint source ``brightest`` (a plugin component, so that the core's component tests cover one).
+
+    ``__call__(images (B, 1, H, W)) -> (keypoints (B, 2, 2), found (B,) bool)``: the centre of the
+    brightest pixel and the image centre, (x, y) in [0, 1]; ``found`` is False for a flat image.
+    """
+
+    num_keypoints = 2
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = images.shape
+        flat = images.reshape(b, -1)
+        index = flat.argmax(dim=1)
+        x = (index % w).float() + 0.5
+        y = torch.div(index, w, rounding_mode="floor").float() + 0.5
+        pixel = torch.stack([x / w, y / h], dim=1)
+        keypoints = torch.stack([pixel, torch.full_like(pixel, 0.5)], dim=1)
+        return keypoints, flat.amax(dim=1) > flat.amin(dim=1)
+
+
 def build_data(cfg) -> TaskData:
     return TaskData(train=Blobs(cfg.data.size, seed=1, jitter=cfg.data.jitter),
                     evals={name: Blobs(cfg.data.eval_size, seed=2) for name in cfg.eval.test},
@@ -101,7 +121,8 @@ def evaluate(model, data, cfg, device) -> dict:
 PLUGIN = Plugin(name="tiny", description="toolkit test plugin: blobs left or right",
                 default_config=DEFAULTS, build_data=build_data, build_model=build_model,
                 training_step=training_step, evaluate=evaluate, datasets=("blobs",),
-                primary_metric="accuracy", check_config={"data.size": 16})
+                primary_metric="accuracy", check_config={"data.size": 16},
+                components={"keypoints": {"brightest": "tiny_plugin:BrightestPixel"}})
 
 
 def register_in_process(monkeypatch) -> None:

@@ -78,7 +78,7 @@ def _data_root(cfg) -> Path:
                 f"{split}: split file missing, so {path} is not a prepared gait tree (nothing was "
                 f"written there). Train on synthetic walkers by leaving out --data (they are "
                 f"generated in data.cache_dir), write them to a folder with `kpt data get "
-                f"synthetic --dst DIR`, or prepare Gait3D with {PREPARE_COMMAND}")
+                f"gait --dst DIR`, or prepare Gait3D with {PREPARE_COMMAND}")
         return path
     if name == "gait3d":
         raise GaitDataError("--data gait3d needs the prepared Gait3D tree: pass --data-root DIR "
@@ -239,13 +239,16 @@ def evaluate(model: nn.Module, data: TaskData, cfg, device: torch.device) -> dic
 
 
 def _synthetic_get(argv: list[str]) -> int:
-    """``kpt data get synthetic [--dst DIR]``: writes the default synthetic walkers."""
+    """``kpt data get gait --dst DIR``: writes the synthetic walkers that ``kpt train gait`` uses."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="kpt data get synthetic")
+    from kpt.config import build_config
+
+    parser = argparse.ArgumentParser(prog="kpt data get gait")
     parser.add_argument("--dst", type=Path, required=True)
     args = parser.parse_args(argv[1:] if argv and argv[0] in ("synthetic", "gait") else argv)
-    generate(args.dst)
+    # the spec of the default config (its data.synthetic_* keys), not SyntheticSpec's own defaults
+    generate(args.dst, synthetic_spec(build_config(PLUGIN)))
     print(f"wrote synthetic walkers to {args.dst}")
     return 0
 
