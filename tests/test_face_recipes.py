@@ -10,13 +10,28 @@ of step k − 1 (step 0 at the initial warm-up value, 0).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
+import cv2
 import numpy as np
 import pytest
 import tiny_plugin as tiny
 import torch
+from kpt_plugins.face.data.augment import (
+    PHOTOMETRIC_OPS,
+    AppearanceAugment,
+    FaceAugment,
+    FaceCollate,
+    RepeatedAugmentSampler,
+    apply_blur,
+    apply_cutout,
+    apply_photometric,
+    sample_blur,
+    sample_cutout,
+    sample_photometric,
+)
 
 import kpt
 from kpt.cli import main
@@ -176,3 +191,129 @@ def test_print_config_shows_the_official_recipe(recipe, expected, capsys):
     assert main(["train", "face", f"recipe={recipe}", "--print-config"]) == 0
     printed = parse_yaml(capsys.readouterr().out)
     assert {key: printed["train"][key] for key in expected} == expected
+
+
+# ----------------------------------------------------------------------------- augmentation
+def _face_images(n: int = 4, size: int = 112) -> torch.Tensor:
+    """uint8 (n, 3, S, S) with texture and colour (a checkerboard over a colour gradient)."""
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    checker = ((ys // 4 + xs // 4) % 2).float() * 80
+    base = torch.stack([xs.float(), ys.float(), (xs + ys).float() / 2]) * 150 / size
+    images = (base + checker).clamp(0, 255).to(torch.uint8)
+    return images.unsqueeze(0).repeat(n, 1, 1, 1)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_photometric_draw_follows_the_official_rule():
+    draws = [op for seed in range(1500) for op in sample_photometric(generator=_gen(seed))]
+    assert len(draws) == 3000 and {name for name, _ in draws} == set(PHOTOMETRIC_OPS)
+    levels = {round(abs(v) / 0.03) for name, v in draws if PHOTOMETRIC_OPS[name]}
+    assert levels == set(range(5, 23))  # bins 14 ± 9 (numpy randint: high excluded) of 31 over 0.9
+    signed = [v for name, v in draws if PHOTOMETRIC_OPS[name]]
+    assert 0.4 < np.mean(np.asarray(signed) < 0) < 0.6
+    rare = np.mean([name in ("Equalize", "Grayscale") for name, _ in draws])
+    assert 0.01 < rare < 0.045  # redrawn twice: (2/7)^3 ≈ 2.3 % instead of 2/7
+    assert sample_photometric(generator=_gen(3)) == sample_photometric(generator=_gen(3))
+
+
+def test_photometric_ops_effects():
+    image = torch.full((3, 8, 8), 100, dtype=torch.uint8)
+    image[0] = 160
+    assert torch.equal(apply_photometric(image, [("Identity", 0.0)]), image)
+    brighter = apply_photometric(image, [("Brightness", 0.3)])
+    assert int(brighter[1, 0, 0]) == 130 and int(brighter[0, 0, 0]) == 208
+    gray = apply_photometric(image, [("Grayscale", 0.0)])
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    desaturated = apply_photometric(image, [("Saturate", -0.9)])
+    spread = lambda x: int(x.max(0).values.min()) - int(x.min(0).values.max())
+    assert spread(desaturated) < spread(image)
+    assert apply_photometric(image, [("Contrast", -0.5), ("Sharpness", 0.5)]).dtype == torch.uint8
+
+
+def test_blur_draw_probabilities_and_ops():
+    draws = [sample_blur(generator=_gen(seed)) for seed in range(3000)]
+    kinds = [d[0] for d in draws]
+    applied = [k for k in kinds if k != "skip"]
+    assert 0.17 < len(applied) / len(draws) < 0.23
+    assert 0.74 < applied.count("resize") / len(applied) < 0.86  # 8 of the 10 official entries
+    assert {d[1] for d in draws if d[0] == "avg"} <= set(range(1, 10))
+    assert all(0.2 <= d[1] < 1.0 for d in draws if d[0] == "resize")
+    assert all(0 <= d[1] < 4.0 for d in draws if d[0] == "gaussian")
+
+    image = _face_images(1)[0]
+    for param in [("resize", 0.25, (cv2.INTER_AREA, cv2.INTER_LINEAR)), ("avg", 5),
+                  ("gaussian", 2.0)]:
+        out = apply_blur(image, param)
+        assert out.shape == image.shape and out.dtype == torch.uint8
+        # blurring removes the checkerboard's high frequencies
+        detail = lambda x: float((x.float().diff(dim=-1)).abs().mean())
+        assert detail(out) < 0.7 * detail(image), param
+    expected = cv2.blur(image.permute(1, 2, 0).numpy().copy(), (5, 5))
+    assert torch.equal(apply_blur(image, ("avg", 5)).permute(1, 2, 0), torch.from_numpy(expected))
+    assert torch.equal(apply_blur(image, ("skip",)), image)
+    assert torch.equal(apply_blur(image, ("avg", 1)), image)
+
+
+def test_cutout_draw_and_effect():
+    draws = [sample_cutout(112, 112, generator=_gen(seed)) for seed in range(4000)]
+    applied = [d for d in draws if d[0] != "skip"]
+    assert 0.17 < len(applied) / len(draws) < 0.23
+    holes = [d for d in applied if d[0] == "holes"]
+    assert 0.01 < len(holes) / len(applied) < 0.1  # 5 % CoarseDropout
+    assert all(12 <= len(d[1]) <= 20 and all(h == w == 16 for *_, h, w in d[1]) for d in holes)
+    for _, (y, x, h, w) in (d for d in applied if d[0] == "keep"):
+        assert 0 <= y and y + h <= 112 and 0 <= x and x + w <= 112
+        assert 0.2 * 112 * 112 * 0.9 <= h * w <= 112 * 112
+
+    image = _face_images(1)[0] | 1  # no zero pixel of its own
+    kept = apply_cutout(image, ("keep", (10, 20, 50, 40)))
+    assert torch.equal(kept[:, 10:60, 20:60], image[:, 10:60, 20:60])
+    assert int(kept.sum()) == int(image[:, 10:60, 20:60].sum(dtype=torch.int64))
+    holed = apply_cutout(image, ("holes", [(0, 0, 16, 16), (50, 60, 16, 16)]))
+    assert int((holed == 0).all(0).sum()) == 2 * 16 * 16
+
+
+def test_appearance_is_deterministic_and_leaves_keypoints_alone():
+    images = _face_images(6)
+    appearance = AppearanceAugment(cutout_prob=0.5, blur_prob=0.5)
+    a, b = appearance(images, _gen(7)), appearance(images, _gen(7))
+    assert torch.equal(a, b) and not torch.equal(a, images)
+    assert torch.equal(AppearanceAugment(0.0, 0.0, 1.0, 0)(images, _gen(7)), images)  # all off
+
+    items = [{"image": img, "keypoints": torch.tensor([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6],
+                                                        [0.35, 0.8], [0.65, 0.8]]),
+              "label": torch.tensor(i)} for i, img in enumerate(images)]
+    torch.manual_seed(0)
+    plain = FaceCollate(FaceAugment())(items)
+    torch.manual_seed(0)
+    full = FaceCollate(FaceAugment(), AppearanceAugment(1.0, 1.0))(items)
+    torch.testing.assert_close(full["keypoints"], plain["keypoints"], rtol=0, atol=0)
+    assert not torch.equal(full["image"], plain["image"])
+
+
+def test_collate_does_not_clamp_keypoints():
+    still = FaceAugment(scale_min=1.0, scale_max=1.0, rot_prob=0.0, hflip_prob=0.0,
+                        extra_offset=0.0)
+    kp = torch.tensor([[-0.05, 0.4], [1.1, 0.4], [0.5, 0.6], [0.35, 1.02], [0.65, 0.8]])
+    items = [{"image": torch.zeros(3, 16, 16, dtype=torch.uint8), "keypoints": kp,
+              "label": torch.tensor(0)}]
+    out = FaceCollate(still, AppearanceAugment())(items)["keypoints"][0]
+    torch.testing.assert_close(out, kp, atol=1e-5, rtol=0)
+
+
+def test_repeated_augmentation_never_repeats_twice_in_a_row():
+    labels = np.repeat(np.arange(30), 4)
+    base = [i for b in RepeatedAugmentSampler(labels, 12, seed=2, prob=0.0) for i in b]
+    always = [i for b in RepeatedAugmentSampler(labels, 12, seed=2, prob=1.0) for i in b]
+    # prob 1: every sample after the first is drawn, but a repeat blocks the next one
+    for pos, (orig, got) in enumerate(zip(base, always)):
+        if pos % 2 == 1:
+            assert labels[got] == labels[always[pos - 1]]  # replaced by the previous identity
+        else:
+            assert got == orig  # kept: the one before was a repeat (or it is the first)
+    some = [i for b in RepeatedAugmentSampler(labels, 12, seed=2, prob=0.5) for i in b]
+    replaced = [a != b for a, b in zip(base, some)]
+    assert not any(x and y for x, y in itertools.pairwise(replaced))

@@ -29,7 +29,7 @@ from kpt.errors import DataError
 from kpt.plugin import Plugin, TaskData
 from kpt.position import POS_CHOICES
 
-from .data.augment import FaceAugment, FaceCollate, RepeatedAugmentSampler
+from .data.augment import AppearanceAugment, FaceAugment, FaceCollate, RepeatedAugmentSampler
 from .evaluation.verification import (
     PairSet,
     evaluate_pairs,
@@ -125,6 +125,13 @@ def _augment(cfg: Config) -> FaceAugment:
     d = cfg.data
     return FaceAugment(d.scale_min, d.scale_max, d.rot_prob, d.max_rot, d.hflip_prob,
                        d.extra_offset, enabled=d.augment)
+
+
+def _appearance(cfg: Config) -> AppearanceAugment:
+    d = cfg.data
+    return AppearanceAugment(d.cutout_prob, d.blur_prob, d.blur_magnitude, d.photometric_num_ops,
+                             d.photometric_magnitude, d.photometric_magnitude_offset,
+                             d.photometric_num_bins)
 
 
 def _labels_of(dataset: Any) -> Any:
@@ -251,7 +258,7 @@ def build_data(cfg: Config) -> TaskData:
     elif prob > 0:
         logger.info("repeated augmentation off: the training source has no label table")
     return TaskData(train=dataset, evals=build_eval_sets(cfg), info=info, batch_sampler=sampler,
-                    collate_fn=FaceCollate(_augment(cfg)))
+                    collate_fn=FaceCollate(_augment(cfg), _appearance(cfg)))
 
 
 # ------------------------------------------------------------------------------------------ eval
