@@ -36,6 +36,7 @@ from kpt_plugins.face.data.augment import (
 import kpt
 from kpt.cli import main
 from kpt.config import build_config, parse_yaml, plugin_presets
+from kpt.data.keypoints import hflip_keypoints
 from kpt.engine.optim import build_optimizer, param_groups
 from kpt.engine.trainer import train
 from kpt.plugin import load_plugin
@@ -317,3 +318,46 @@ def test_repeated_augmentation_never_repeats_twice_in_a_row():
     some = [i for b in RepeatedAugmentSampler(labels, 12, seed=2, prob=0.5) for i in b]
     replaced = [a != b for a, b in zip(base, some)]
     assert not any(x and y for x, y in itertools.pairwise(replaced))
+
+
+# ----------------------------------------------------------------------------- .bin keypoints
+def test_bin_keypoints_as_cvlface_evaluation(tmp_path, monkeypatch):
+    from kpt_plugins.face.data.bin_pairs import write_bin
+    from kpt_plugins.face.evaluation import verification as ver
+    from kpt_plugins.face.synthetic.dataset import synthetic_pairs
+
+    cfg = build_config(FACE)
+    assert cfg.eval.bin_padding == 0.0 and cfg.eval.bin_flip_keypoints == "detect"  # official
+    pairs, _ = synthetic_pairs(2, "aligned", 0)
+    path = tmp_path / "lfw.bin"
+    write_bin(path, pairs.images.permute(0, 2, 3, 1).numpy(), pairs.issame.numpy())
+    seen = []
+    real = ver.get_detector
+
+    def spy(padding=0.0, input_size=None, weights=""):
+        seen.append((padding, input_size))
+        return real(padding, input_size, weights)
+
+    monkeypatch.setattr(ver, "get_detector", spy)
+    official = ver.load_bin_set(path, "retinaface")
+    assert seen == [(0.0, 160), (0.0, 160)]  # no padding, resized to 160; rerun on the mirror
+    assert official.flip_keypoints is not None and official.flip_keypoints.shape == (4, 5, 2)
+    mirrored = hflip_keypoints(official.keypoints, (1, 0, 2, 4, 3))
+    assert float((official.flip_keypoints - mirrored).abs().max()) < 0.1  # same face, mirrored
+    seen.clear()
+    kpt_way = ver.load_bin_set(path, "retinaface", padding=0.215, flip_keypoints="mirror")
+    assert seen == [(0.215, 160)] and kpt_way.flip_keypoints is None
+
+    # flip fusion feeds the mirrored images with the detections on the mirror
+    calls = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x, k):
+            calls.append(k.clone())
+            return torch.ones(len(x), 3)
+
+    ver.embed(Probe(), official.images, official.keypoints, flip_keypoints=official.flip_keypoints)
+    torch.testing.assert_close(calls[1], official.flip_keypoints)
+    calls.clear()
+    ver.embed(Probe(), kpt_way.images, kpt_way.keypoints)
+    torch.testing.assert_close(calls[1], hflip_keypoints(kpt_way.keypoints, (1, 0, 2, 4, 3)))

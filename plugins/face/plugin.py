@@ -240,7 +240,8 @@ def build_eval_sets(cfg: Config) -> dict[str, PairSet]:
     for name in e.test:
         if name == "synthetic":
             continue
-        pairs = load_bin_set(resolve_bin(name, cfg), e.bin_keypoints, e.bin_limit or None)
+        pairs = load_bin_set(resolve_bin(name, cfg), e.bin_keypoints, e.bin_limit or None,
+                             padding=e.bin_padding, flip_keypoints=e.bin_flip_keypoints)
         sets[pairs.name] = pairs
     return sets
 
@@ -347,6 +348,7 @@ PLUGIN = Plugin(
     choices={"model.pos": POS_CHOICES,
              "model.classifier": ("fc", "partial_fc"), "data.keypoints": ("auto", "template"),
              "eval.bin_keypoints": ("retinaface", "template"),
+             "eval.bin_flip_keypoints": ("detect", "mirror"),
              "eval.protocols": (*SPLITS, "unaligned_crop"),
              "eval.aligned_keypoints": ("ground_truth", "retinaface", "template"),
              "eval.unaligned_keypoints": ("retinaface", "ground_truth", "template")},
