@@ -163,12 +163,17 @@ def milestone_steps(milestones: Iterable[Any], steps_per_epoch: int) -> list[int
 class MilestoneScheduler(MultiStepLRScheduler):
     """timm's multistep schedule, decaying once the step is *past* each milestone (``t > m``).
 
-    That is CVLface's ``StepScheduler`` rule; timm's own class decays at ``t + 1 >= m`` (a
-    convention it keeps for compatibility), one or two steps earlier.
+    That is CVLface's ``StepScheduler`` rule; timm's own class decays at ``t + 1 >= m``, two
+    steps earlier (a convention it keeps for compatibility), so the rule is written out here.
     """
 
-    def get_curr_decay_steps(self, t: int) -> int:
-        return bisect.bisect_left(self.decay_t, t)  # milestones strictly below t
+    def _get_lr(self, t: int) -> list[float]:
+        if t < self.warmup_t:
+            return [self.warmup_lr_init + t * s for s in self.warmup_steps]
+        if self.warmup_prefix:
+            t = t - self.warmup_t
+        passed = bisect.bisect_left(self.decay_t, t)  # milestones strictly below t
+        return [v * self.decay_rate ** passed for v in self.base_values]
 
 
 class LaggedScheduler:
