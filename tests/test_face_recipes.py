@@ -39,6 +39,7 @@ from kpt.config import build_config, parse_yaml, plugin_presets
 from kpt.data.keypoints import hflip_keypoints
 from kpt.engine.optim import build_optimizer, param_groups
 from kpt.engine.trainer import train
+from kpt.errors import UserError
 from kpt.plugin import load_plugin
 
 torch.set_num_threads(1)
@@ -283,6 +284,8 @@ def test_appearance_is_deterministic_and_leaves_keypoints_alone():
     a, b = appearance(images, _gen(7)), appearance(images, _gen(7))
     assert torch.equal(a, b) and not torch.equal(a, images)
     assert torch.equal(AppearanceAugment(0.0, 0.0, 1.0, 0)(images, _gen(7)), images)  # all off
+    with pytest.raises(UserError, match="data.blur_prob"):
+        AppearanceAugment(blur_prob=1.5)
 
     items = [{"image": img, "keypoints": torch.tensor([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6],
                                                         [0.35, 0.8], [0.65, 0.8]]),

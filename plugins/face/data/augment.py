@@ -43,6 +43,7 @@ from torch.utils.data import Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from kpt.data.samplers import ShardedBatchSampler
+from kpt.errors import UserError
 
 __all__ = [
     "FLIP_PERMUTATION",
@@ -380,6 +381,21 @@ class AppearanceAugment:
     photometric_magnitude: int = 14
     photometric_magnitude_offset: int = 9
     photometric_num_bins: int = 31
+
+    def __post_init__(self) -> None:
+        for key in ("cutout_prob", "blur_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise UserError(f"data.{key}={getattr(self, key)!r}: expected a probability in "
+                                "[0, 1]")
+        if not 0.0 <= self.blur_magnitude <= 1.0:
+            raise UserError(f"data.blur_magnitude={self.blur_magnitude!r}: expected 0 to 1 "
+                            "(official 1.0)")
+        if (self.photometric_num_ops < 0 or self.photometric_magnitude_offset < 1
+                or self.photometric_num_bins < 1):
+            raise UserError("data.photometric_num_ops >= 0, data.photometric_magnitude_offset >= 1 "
+                            "and data.photometric_num_bins >= 1 expected, got "
+                            f"{self.photometric_num_ops}, {self.photometric_magnitude_offset}, "
+                            f"{self.photometric_num_bins}")
 
     @property
     def active(self) -> bool:
