@@ -193,6 +193,12 @@ def test_print_config_shows_the_official_recipe(recipe, expected, capsys):
     assert main(["train", "face", f"recipe={recipe}", "--print-config"]) == 0
     printed = parse_yaml(capsys.readouterr().out)
     assert {key: printed["train"][key] for key in expected} == expected
+    official_aug = {"augment": True, "cutout_prob": 0.2, "blur_prob": 0.2, "blur_magnitude": 1.0,
+                    "photometric_num_ops": 2, "photometric_magnitude": 14,
+                    "photometric_magnitude_offset": 9, "photometric_num_bins": 31,
+                    "scale_min": 0.8, "scale_max": 1.2, "rot_prob": 0.2, "max_rot": 20.0,
+                    "hflip_prob": 0.5, "extra_offset": 0.1, "repeated_augment_prob": 0.1}
+    assert {key: printed["data"][key] for key in official_aug} == official_aug
 
 
 # ----------------------------------------------------------------------------- augmentation
