@@ -53,6 +53,9 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "warmup_lr": 1e-6,
         "min_lr": 1e-6,
         "decay_epochs": 0.0,       # step/multistep schedules (0: a third of the run)
+        "decay_milestones": [],    # multistep: epochs after which the lr is ×0.1 (empty: decay_epochs)
+        "warmup_prefix": False,    # cosine: warm-up before the cosine, not inside it (timm)
+        "sched_lag": 0,            # step t uses the schedule's lr of step t − lag (CVLface: 1)
         "clip_grad": 0.0,          # max gradient norm (0: off)
         "amp": "none",             # none | bf16 | fp16
         "seed": 0,
@@ -615,6 +618,7 @@ def _check_numbers(cfg: Config) -> None:
         need(math.isfinite(t[key]) and t[key] >= 0, key, "a finite number >= 0")
     for key in ("eval_every", "save_every", "log_every", "num_workers"):
         need(t[key] >= 0, key, "0 or more")
+    need(t.get("sched_lag", 0) >= 0, "sched_lag", "0 or more optimizer steps")
     if t.epochs == 0 and t.max_steps == 0:
         raise ConfigError("train.epochs=0 and train.max_steps=0: the run would take no training "
                           "step; set train.epochs or train.max_steps to at least 1")

@@ -94,7 +94,7 @@ def test_face_recipe_is_applied_and_the_user_wins(tmp_path):
     face = load_plugin("face")
     cfg = build_config(face, overrides=["recipe=step_sgd", "train.lr=0.05"])
     assert cfg.preset == ["step_sgd"]
-    assert (cfg.train.optimizer, cfg.train.sched, cfg.train.epochs) == ("sgd", "step", 26)
+    assert (cfg.train.optimizer, cfg.train.sched, cfg.train.epochs) == ("momentum", "multistep", 26)
     assert cfg.train.weight_decay == pytest.approx(5e-4)
     assert cfg.train.lr == pytest.approx(0.05)  # the user's value beats the preset's 0.1
     user = tmp_path / "user.yaml"

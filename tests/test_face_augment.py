@@ -89,8 +89,8 @@ def test_repeated_augmentation_replaces_with_same_identity():
     assert len(batches) == len(sampler) == 10
     for batch in batches:
         assert len(batch) == 20
-        # with prob 1 every sample shares the identity of the first one
-        assert len({int(labels[i]) for i in batch}) == 1
+        # with prob 1 every other sample is replaced (never twice in a row): pairs of one identity
+        assert all(labels[batch[i]] == labels[batch[i - 1]] for i in range(1, 20, 2))
     plain = RepeatedAugmentSampler(labels, batch_size=20, seed=1, prob=0.0)
     assert sorted(i for b in plain for i in b) == list(range(200))
     again = RepeatedAugmentSampler(labels, batch_size=20, seed=1, prob=0.3)

@@ -9,6 +9,7 @@ learning rate at step t is a pure function of t and a resumed run follows the sa
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -16,8 +17,10 @@ from typing import Any
 
 import torch
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
+from timm.scheduler import MultiStepLRScheduler, create_scheduler_v2
 from torch import nn
+
+from kpt.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: Any, total_step
     Args:
         optimizer: the optimizer whose learning rates are scheduled.
         train_cfg: ``train`` config section (``sched``, ``warmup_epochs``, ``warmup_lr``, ``min_lr``,
-            ``decay_epochs``).
+            ``decay_epochs``, ``decay_milestones``, ``warmup_prefix``, ``sched_lag``).
         total_steps: optimizer steps of the whole run.
         steps_per_epoch: optimizer steps per epoch (converts the epoch-valued keys to steps).
 
@@ -123,12 +126,78 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: Any, total_step
                          "poly, tanh or none")
     warmup = round(train_cfg.warmup_epochs * steps_per_epoch)
     decay = round(train_cfg.decay_epochs * steps_per_epoch) or max(1, total_steps // 3)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=sched, num_epochs=max(1, total_steps), decay_epochs=decay,
-        decay_milestones=[decay * i for i in (1, 2)], warmup_epochs=warmup,
-        warmup_lr=train_cfg.warmup_lr, min_lr=train_cfg.min_lr, step_on_epochs=False,
-        updates_per_epoch=1)
-    return scheduler
+    num_steps = max(1, total_steps)
+    prefix = bool(getattr(train_cfg, "warmup_prefix", False))
+    if prefix:
+        # timm's t_initial counts the schedule after the warm-up (CVLface: total − warmup)
+        num_steps = max(1, total_steps - warmup)
+    if sched == "multistep" and getattr(train_cfg, "decay_milestones", None):
+        scheduler = MilestoneScheduler(
+            optimizer, decay_t=milestone_steps(train_cfg.decay_milestones, steps_per_epoch),
+            decay_rate=0.1, warmup_t=warmup, warmup_lr_init=train_cfg.warmup_lr,
+            warmup_prefix=prefix, t_in_epochs=False)
+    else:
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=sched, num_epochs=num_steps, decay_epochs=decay,
+            decay_milestones=[decay * i for i in (1, 2)], warmup_epochs=warmup,
+            warmup_prefix=prefix, warmup_lr=train_cfg.warmup_lr, min_lr=train_cfg.min_lr,
+            step_on_epochs=False, updates_per_epoch=1)
+    lag = int(getattr(train_cfg, "sched_lag", 0) or 0)
+    return LaggedScheduler(scheduler, lag) if lag > 0 else scheduler
+
+
+def milestone_steps(milestones: Iterable[Any], steps_per_epoch: int) -> list[int]:
+    """Optimizer steps ``round(milestone · steps_per_epoch)`` of milestones given in epochs (sorted)."""
+    steps = []
+    for m in milestones:
+        try:
+            epoch = float(m)
+        except (TypeError, ValueError):
+            raise UserError(f"train.decay_milestones: {m!r} is not a number of epochs") from None
+        if not math.isfinite(epoch) or epoch < 0:
+            raise UserError(f"train.decay_milestones: {m!r} is not a finite number of epochs >= 0")
+        steps.append(round(epoch * steps_per_epoch))
+    return sorted(steps)
+
+
+class MilestoneScheduler(MultiStepLRScheduler):
+    """timm's multistep schedule, decaying once the step is *past* each milestone (``t > m``).
+
+    That is CVLface's ``StepScheduler`` rule; timm's own class decays at ``t + 1 >= m``, two
+    steps earlier (a convention it keeps for compatibility), so the rule is written out here.
+    """
+
+    def _get_lr(self, t: int) -> list[float]:
+        if t < self.warmup_t:
+            return [self.warmup_lr_init + t * s for s in self.warmup_steps]
+        if self.warmup_prefix:
+            t = t - self.warmup_t
+        passed = bisect.bisect_left(self.decay_t, t)  # milestones strictly below t
+        return [v * self.decay_rate ** passed for v in self.base_values]
+
+
+class LaggedScheduler:
+    """A timm scheduler whose step ``t`` uses the learning rate of step ``t − lag`` (≥ 0).
+
+    CVLface calls its scheduler after ``optimizer.step()`` with the step just taken, so optimizer
+    step t runs at the schedule's value of t − 1 (and step 0 at the initial warm-up value);
+    ``train.sched_lag=1`` reproduces that exactly.
+    """
+
+    def __init__(self, scheduler: Any, lag: int) -> None:
+        self.scheduler, self.lag = scheduler, int(lag)
+
+    def step_update(self, num_updates: int, metric: float | None = None) -> None:
+        self.scheduler.step_update(num_updates=max(0, num_updates - self.lag), metric=metric)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state_dict)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["scheduler"], name)
 
 
 def total_training_steps(epochs: int, steps_per_epoch: int, max_steps: int) -> int:

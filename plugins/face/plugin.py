@@ -29,7 +29,7 @@ from kpt.errors import DataError
 from kpt.plugin import Plugin, TaskData
 from kpt.position import POS_CHOICES
 
-from .data.augment import FaceAugment, FaceCollate, RepeatedAugmentSampler
+from .data.augment import AppearanceAugment, FaceAugment, FaceCollate, RepeatedAugmentSampler
 from .evaluation.board import BOARD_TESTS
 from .evaluation.verification import (
     PairSet,
@@ -126,6 +126,13 @@ def _augment(cfg: Config) -> FaceAugment:
     d = cfg.data
     return FaceAugment(d.scale_min, d.scale_max, d.rot_prob, d.max_rot, d.hflip_prob,
                        d.extra_offset, enabled=d.augment)
+
+
+def _appearance(cfg: Config) -> AppearanceAugment:
+    d = cfg.data
+    return AppearanceAugment(d.cutout_prob, d.blur_prob, d.blur_magnitude, d.photometric_num_ops,
+                             d.photometric_magnitude, d.photometric_magnitude_offset,
+                             d.photometric_num_bins)
 
 
 def _labels_of(dataset: Any) -> Any:
@@ -257,10 +264,12 @@ def build_eval_sets(cfg: Config) -> dict[str, PairSet]:
 
                 for path in find_bins(board_roots(cfg)).values():
                     if path.stem not in sets:
-                        sets[path.stem] = load_bin_set(path, e.bin_keypoints,
-                                                       e.bin_limit or None)
+                        sets[path.stem] = load_bin_set(
+                            path, e.bin_keypoints, e.bin_limit or None, padding=e.bin_padding,
+                            flip_keypoints=e.bin_flip_keypoints)
             continue
-        pairs = load_bin_set(resolve_bin(name, cfg), e.bin_keypoints, e.bin_limit or None)
+        pairs = load_bin_set(resolve_bin(name, cfg), e.bin_keypoints, e.bin_limit or None,
+                             padding=e.bin_padding, flip_keypoints=e.bin_flip_keypoints)
         sets[pairs.name] = pairs
         logger.info("eval set %s: %d pairs, keypoints %s (face found in %d of %d images)",
                     pairs.name, len(pairs), e.bin_keypoints, int(pairs.found.sum()),
@@ -284,7 +293,7 @@ def build_data(cfg: Config) -> TaskData:
     elif prob > 0:
         logger.info("repeated augmentation off: the training source has no label table")
     return TaskData(train=dataset, evals=build_eval_sets(cfg), info=info, batch_sampler=sampler,
-                    collate_fn=FaceCollate(_augment(cfg)))
+                    collate_fn=FaceCollate(_augment(cfg), _appearance(cfg)))
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -428,6 +437,7 @@ PLUGIN = Plugin(
              "eval.bin_keypoints": ("retinaface", "template"),
              "eval.ijb_unaligned_keypoints": ("provided", "retinaface"),
              "eval.tinyface_keypoints": ("template", "retinaface"),
+             "eval.bin_flip_keypoints": ("detect", "mirror"),
              "eval.protocols": (*SPLITS, "unaligned_crop"),
              "eval.aligned_keypoints": ("ground_truth", "retinaface", "template"),
              "eval.unaligned_keypoints": ("retinaface", "ground_truth", "template")},

@@ -13,29 +13,42 @@ The keypoints are mapped with the inverse of ``theta`` (they live in the input f
 follow the content) and, when the image is mirrored, the left/right points swap (0↔1, 3↔4) so
 that index 0 stays the eye with the smaller x, as RetinaFace and the ArcFace template order them.
 
+After the geometry, :class:`AppearanceAugment` applies the other parts of ``gridsample_v1`` to
+every image, in the official order: cutout (probability 0.2), blur (probability 0.2; average,
+Gaussian or down-up resize, the resize 8× more likely) and photometric (two RandAugment-style colour
+operations). They change pixels only; the keypoints are left as the geometry put them, and they are
+not clamped to [0, 1] (the official code does not clamp them either).
+
 Deliberate differences: the whole batch is warped in one ``grid_sample`` call (collate time)
-instead of per image in the Dataset, and the photometric / blur / cutout parts of
-``gridsample_v1`` are not reproduced (they do not touch keypoints; kpt's synthetic benchmark
-isolates geometry). :class:`RepeatedAugmentSampler` reproduces "RA10" repeated augmentation.
+instead of per image with ``cv2.warpAffine`` in the Dataset, and the appearance operations run on
+uint8 tensors with torchvision / OpenCV instead of PIL / imgaug / albumentations (the same
+operations; rounding may differ by one grey level). :class:`RepeatedAugmentSampler` reproduces
+"RA10" repeated augmentation.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torch.utils.data import Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from kpt.data.samplers import ShardedBatchSampler
+from kpt.errors import UserError
 
 __all__ = [
     "FLIP_PERMUTATION",
+    "PHOTOMETRIC_OPS",
+    "AppearanceAugment",
     "FaceAugment",
     "FaceCollate",
     "RepeatedAugmentSampler",
@@ -150,29 +163,265 @@ def transform_keypoints(keypoints: Tensor, theta: Tensor, hflip: Tensor,
 
 
 class FaceCollate:
-    """DataLoader ``collate_fn``: stack items, normalise images to [−1, 1], augment the batch.
+    """DataLoader ``collate_fn``: stack items, augment the batch, normalise images to [−1, 1].
 
-    Images are warped in 0–255 (black border, as the official uint8 pipeline) and normalised
-    afterwards. Keypoints are clamped to [0, 1]: a point pushed out of the picture by the
-    augmentation stays at the border (KP-RPE only needs its direction from each patch).
+    Images are warped in 0–255 (black border, as the official uint8 pipeline), rounded to uint8
+    for the appearance operations when ``appearance`` is given (the official warp also returns
+    uint8), and normalised afterwards. Keypoints are not clamped: a point the augmentation pushes
+    off the picture keeps its position outside [0, 1], as in the official code (KP-RPE only needs
+    its offset from every patch).
     """
 
-    def __init__(self, augment: FaceAugment | None = None) -> None:
+    def __init__(self, augment: FaceAugment | None = None,
+                 appearance: AppearanceAugment | None = None) -> None:
         self.augment = augment
+        self.appearance = appearance
 
     def __call__(self, items: Sequence[dict]) -> dict[str, Tensor]:
         batch = default_collate(list(items))
         images, keypoints = batch["image"].float(), batch["keypoints"].float()
         if self.augment is not None and self.augment.enabled:
             images, keypoints = self.augment(images, keypoints)
+            if self.appearance is not None and self.appearance.active:
+                images = self.appearance(images.round().clamp(0, 255).to(torch.uint8))
         batch["image"] = normalize_images(images)
-        batch["keypoints"] = keypoints.clamp(0.0, 1.0)
+        batch["keypoints"] = keypoints
         return batch
+
+
+# ------------------------------------------------------------------- appearance (gridsample_v1)
+#: The photometric operations of ``gridsample_v1`` and whether their magnitude takes a random sign.
+PHOTOMETRIC_OPS: dict[str, bool] = {
+    "Identity": False, "Brightness": True, "Saturate": True, "Contrast": True,
+    "Sharpness": True, "Equalize": False, "Grayscale": False,
+}
+_RARE_OPS = ("Equalize", "Grayscale")
+#: OpenCV interpolations the down-up resize blur draws from (official list).
+RESIZE_INTERPOLATIONS = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_AREA, cv2.INTER_CUBIC,
+                         cv2.INTER_LANCZOS4)
+
+
+def _uniform(generator: torch.Generator | None, lo: float = 0.0, hi: float = 1.0) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=generator, dtype=torch.float64))
+
+
+def _randint(generator: torch.Generator | None, lo: int, hi: int) -> int:
+    """Integer in [lo, hi) (numpy's ``randint`` convention)."""
+    return int(torch.randint(lo, hi, (), generator=generator))
+
+
+def sample_photometric(num_ops: int = 2, magnitude: int = 14, magnitude_offset: int = 9,
+                       num_bins: int = 31, generator: torch.Generator | None = None
+                       ) -> list[tuple[str, float]]:
+    """The official photometric draw: ``num_ops`` (operation, magnitude) pairs.
+
+    Each operation is uniform over :data:`PHOTOMETRIC_OPS`, Equalize and Grayscale being redrawn
+    (up to twice) to make them rarer; the magnitude bin is uniform in [m − offset, m + offset)
+    clipped to the bins, its value ``linspace(0, 0.9, num_bins)[bin]``, with a random sign for the
+    signed operations.
+    """
+    names = list(PHOTOMETRIC_OPS)
+    levels = torch.linspace(0.0, 0.9, num_bins, dtype=torch.float64)
+    ops = []
+    for _ in range(num_ops):
+        name = names[_randint(generator, 0, len(names))]
+        for _retry in range(2):
+            if name not in _RARE_OPS:
+                break
+            name = names[_randint(generator, 0, len(names))]
+        level = _randint(generator, magnitude - magnitude_offset, magnitude + magnitude_offset)
+        value = float(levels[min(max(level, 0), num_bins - 1)]) if PHOTOMETRIC_OPS[name] else 0.0
+        if PHOTOMETRIC_OPS[name] and _randint(generator, 0, 2):
+            value = -value
+        ops.append((name, value))
+    return ops
+
+
+def apply_photometric(image: Tensor, ops: Sequence[tuple[str, float]]) -> Tensor:
+    """Apply (operation, magnitude) pairs to one uint8 RGB image (3, H, W); factor = 1 + magnitude."""
+    for name, value in ops:
+        if name == "Brightness":
+            image = TF.adjust_brightness(image, 1.0 + value)
+        elif name == "Saturate":
+            image = TF.adjust_saturation(image, 1.0 + value)
+        elif name == "Contrast":
+            image = TF.adjust_contrast(image, 1.0 + value)
+        elif name == "Sharpness":
+            image = TF.adjust_sharpness(image, 1.0 + value)
+        elif name == "Equalize":
+            image = TF.equalize(image)
+        elif name == "Grayscale":
+            image = TF.rgb_to_grayscale(image, num_output_channels=3)
+        elif name != "Identity":
+            raise ValueError(f"unknown photometric operation {name!r}; expected one of "
+                             f"{list(PHOTOMETRIC_OPS)}")
+    return image
+
+
+def sample_blur(prob: float = 0.2, magnitude: float = 1.0,
+                generator: torch.Generator | None = None) -> tuple:
+    """The official blur draw: ``("skip",)``, ``("avg", k)``, ``("gaussian", sigma)`` or
+    ``("resize", side_ratio, (down, up))`` (the resize is 8 times likelier than each other blur)."""
+    if _uniform(generator) >= prob:
+        return ("skip",)
+    method = _randint(generator, 0, 10)  # official list: avg, gaussian, 8 × resize
+    if method == 0:
+        return ("avg", _randint(generator, 1, max(2, int(10 * magnitude))))
+    if method == 1:
+        return ("gaussian", _uniform(generator) * 4.0 * magnitude)
+    ratio = _uniform(generator, 1.0 - 0.8 * magnitude, 1.0)
+    down = RESIZE_INTERPOLATIONS[_randint(generator, 0, len(RESIZE_INTERPOLATIONS))]
+    up = RESIZE_INTERPOLATIONS[_randint(generator, 0, len(RESIZE_INTERPOLATIONS))]
+    return ("resize", ratio, (down, up))
+
+
+def _gaussian_ksize(sigma: float) -> int:
+    """imgaug's kernel size for a Gaussian blur of ``sigma`` (odd, at least 5)."""
+    factor = 3.3 if sigma < 3.0 else 2.9 if sigma < 5.0 else 2.6
+    size = int(max(factor * sigma, 5))
+    return size + 1 if size % 2 == 0 else size
+
+
+def apply_blur(image: Tensor, param: tuple) -> Tensor:
+    """Apply a :func:`sample_blur` draw to one uint8 image (3, H, W) with OpenCV, as imgaug does."""
+    kind = param[0]
+    if kind == "skip" or (kind == "avg" and param[1] <= 1) or (kind == "gaussian"
+                                                               and param[1] <= 1e-3):
+        return image
+    hwc = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
+    h, w = hwc.shape[:2]
+    if kind == "avg":
+        out = cv2.blur(hwc, (param[1], param[1]))
+    elif kind == "gaussian":
+        k = _gaussian_ksize(param[1])
+        out = cv2.GaussianBlur(hwc, (k, k), sigmaX=param[1], sigmaY=param[1],
+                               borderType=cv2.BORDER_REFLECT_101)
+    elif kind == "resize":
+        side = max(1, int(param[1] * h))  # official: a square of side ratio · height
+        small = cv2.resize(hwc, (side, side), interpolation=int(param[2][0]))
+        out = cv2.resize(small, (w, h), interpolation=int(param[2][1]))
+    else:
+        raise ValueError(f"unknown blur {kind!r}; expected skip, avg, gaussian or resize")
+    return torch.from_numpy(out.reshape(h, w, -1)).permute(2, 0, 1).contiguous().to(image.device)
+
+
+def _crop_box(h: int, w: int, generator: torch.Generator | None, scale: tuple[float, float],
+              ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """A ``RandomResizedCrop`` box (top, left, height, width): torchvision's sampling rule."""
+    area = h * w
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * _uniform(generator, *scale)
+        aspect = math.exp(_uniform(generator, log_lo, log_hi))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return _randint(generator, 0, h - ch + 1), _randint(generator, 0, w - cw + 1), ch, cw
+    # fallback: the central crop of the allowed aspect ratios
+    if w / h < ratio[0]:
+        cw, ch = w, round(w / ratio[0])
+    elif w / h > ratio[1]:
+        ch, cw = h, round(h * ratio[1])
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def sample_cutout(h: int, w: int, prob: float = 0.2, generator: torch.Generator | None = None
+                  ) -> tuple:
+    """The official cutout draw: ``("skip",)``; 5 % of the time ``("holes", [(y, x, 16, 16), ...])``
+    (albumentations CoarseDropout, 12–20 holes); otherwise ``("keep", (y, x, h, w))``, a
+    RandomResizedCrop box (scale 0.2–1, ratio 3/4–4/3) kept in place with the rest zeroed."""
+    if _uniform(generator) >= prob:
+        return ("skip",)
+    if _uniform(generator) < 0.05:
+        holes = []
+        for _ in range(_randint(generator, 12, 21)):
+            hh, hw = min(16, h), min(16, w)
+            holes.append((_randint(generator, 0, h - hh + 1), _randint(generator, 0, w - hw + 1),
+                          hh, hw))
+        return ("holes", holes)
+    return ("keep", _crop_box(h, w, generator, (0.2, 1.0), (3 / 4, 4 / 3)))
+
+
+def apply_cutout(image: Tensor, param: tuple) -> Tensor:
+    """Apply a :func:`sample_cutout` draw to one image (C, H, W): zeroed holes, or only a box kept."""
+    if param[0] == "skip":
+        return image
+    if param[0] == "holes":
+        out = image.clone()
+        for y, x, hh, hw in param[1]:
+            out[:, y:y + hh, x:x + hw] = 0
+        return out
+    if param[0] == "keep":
+        y, x, hh, hw = param[1]
+        out = torch.zeros_like(image)
+        out[:, y:y + hh, x:x + hw] = image[:, y:y + hh, x:x + hw]
+        return out
+    raise ValueError(f"unknown cutout {param[0]!r}; expected skip, holes or keep")
+
+
+@dataclass
+class AppearanceAugment:
+    """Cutout, blur and photometric parts of ``gridsample_v1``, per image, after the geometry.
+
+    Official values (CVLface ``data_augs/configs/gridsample_v1.yaml``) are the defaults. A
+    probability of 0 (or ``photometric_num_ops=0``) switches that part off.
+
+    Args:
+        cutout_prob: probability of a cutout (:func:`sample_cutout`).
+        blur_prob, blur_magnitude: probability and strength of a blur (:func:`sample_blur`).
+        photometric_num_ops, photometric_magnitude, photometric_magnitude_offset,
+        photometric_num_bins: the colour operations (:func:`sample_photometric`).
+    """
+
+    cutout_prob: float = 0.2
+    blur_prob: float = 0.2
+    blur_magnitude: float = 1.0
+    photometric_num_ops: int = 2
+    photometric_magnitude: int = 14
+    photometric_magnitude_offset: int = 9
+    photometric_num_bins: int = 31
+
+    def __post_init__(self) -> None:
+        for key in ("cutout_prob", "blur_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise UserError(f"data.{key}={getattr(self, key)!r}: expected a probability in "
+                                "[0, 1]")
+        if not 0.0 <= self.blur_magnitude <= 1.0:
+            raise UserError(f"data.blur_magnitude={self.blur_magnitude!r}: expected 0 to 1 "
+                            "(official 1.0)")
+        if (self.photometric_num_ops < 0 or self.photometric_magnitude_offset < 1
+                or self.photometric_num_bins < 1):
+            raise UserError("data.photometric_num_ops >= 0, data.photometric_magnitude_offset >= 1 "
+                            "and data.photometric_num_bins >= 1 expected, got "
+                            f"{self.photometric_num_ops}, {self.photometric_magnitude_offset}, "
+                            f"{self.photometric_num_bins}")
+
+    @property
+    def active(self) -> bool:
+        return self.cutout_prob > 0 or self.blur_prob > 0 or self.photometric_num_ops > 0
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """images (B, 3, H, W) uint8 RGB → (B, 3, H, W) uint8, each image drawn independently."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"appearance augmentation expects uint8 images, got {images.dtype}")
+        _, _, h, w = images.shape
+        out = []
+        for image in images:
+            # the official order: cutout, then blur, then photometric
+            image = apply_cutout(image, sample_cutout(h, w, self.cutout_prob, generator))
+            image = apply_blur(image, sample_blur(self.blur_prob, self.blur_magnitude, generator))
+            ops = sample_photometric(self.photometric_num_ops, self.photometric_magnitude,
+                                     self.photometric_magnitude_offset,
+                                     self.photometric_num_bins, generator)
+            out.append(apply_photometric(image, ops))
+        return torch.stack(out) if out else images
 
 
 class RepeatedAugmentSampler(Sampler[list[int]]):
     """Batches where, with probability ``prob``, a sample is replaced by another image of the
-    previous sample's identity (official "RA10": ``repeated_augment_prob`` 0.1, batch size kept).
+    previous sample's identity (official "RA10": ``repeated_augment_prob`` 0.1, batch size kept),
+    except right after a replacement (official ``not self.repeated``).
 
     Wraps :class:`kpt.data.samplers.ShardedBatchSampler`; the replacement draws are a function of
     (seed, epoch, rank), so resumed runs see the same batches.
@@ -204,12 +453,19 @@ class RepeatedAugmentSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, 10])
+        # official rule (CVLface RepeatedWithLdmkThetaMXDataset): draw for every sample after the
+        # first; never repeat right after a repeat; the previous sample carries across batches
+        previous, repeated = None, False
         for batch in self.base:
             batch = list(batch)
-            for i in range(1, len(batch)):
-                if self.prob > 0 and rng.random() < self.prob:
-                    label = int(self.labels[batch[i - 1]])
-                    j = self._start[label] + int(rng.integers(self._count[label]))
-                    batch[i] = int(self._sorted[j])
+            for i in range(len(batch)):
+                if previous is not None:
+                    if rng.random() < self.prob and not repeated:
+                        label = int(self.labels[previous])
+                        j = self._start[label] + int(rng.integers(self._count[label]))
+                        batch[i] = int(self._sorted[j])
+                        repeated = True
+                    else:
+                        repeated = False
+                previous = batch[i]
             yield batch
-

@@ -6,7 +6,9 @@ the protocol:
 
 * **aligned**: aligned 112×112 crops (``.bin`` files, the synthetic ``aligned`` split) with the
   keypoints of that crop: RetinaFace on the crop (``keypoints=retinaface``, CVLface's research
-  evaluation), the ArcFace template (``template``) or, for synthetic data, the ground truth;
+  evaluation: ``.bin`` crops resized to 160 px without padding, the detector rerun on the
+  mirrored crop for flip fusion), the ArcFace template (``template``) or, for synthetic data, the
+  ground truth;
 * **unaligned**: raw images (the synthetic ``unaligned`` split: random similarity + shear around
   the face) given to the backbone as they are, with keypoints from RetinaFace (the paper's
   protocol) or the ground truth. Images where RetinaFace finds no face get the template.
@@ -14,10 +16,10 @@ the protocol:
   112×112, without alignment (the "detection crop" where the paper's Fig. 5 path starts); the
   keypoints are carried into the crop. Images without a face keep their whole frame.
 
-Embeddings use flip fusion as insightface: ``l2n(f(x, k) + f(flip(x), flip(k)))`` where the
-mirrored keypoints are the mirrored detections with left/right points swapped (the official
-evaluators rerun the aligner on the mirror; mirroring the detection is its exact counterpart up to
-detector noise and halves the detector cost). Accuracy, threshold and VAL@FAR come from
+Embeddings use flip fusion as insightface: ``l2n(f(x, k) + f(flip(x), k_flip))`` where
+``k_flip`` is the detection on the mirrored image when the set holds one (``PairSet.flip_keypoints``,
+as the official evaluators rerun the aligner on the mirror), else the mirrored keypoints with
+left/right points swapped (the exact counterpart up to detector noise, at half the detector cost). Accuracy, threshold and VAL@FAR come from
 :func:`kpt.metrics.verification` (10 folds). The Fig. 5 alignment sweep is in :mod:`.sweep`.
 """
 
@@ -66,6 +68,8 @@ class PairSet:
         found: (2P,) bool, False where the keypoint source fell back to the template.
         source: where the keypoints come from (``retinaface``, ``template``, ``ground_truth``).
         boxes: (2P, 4) normalised detection boxes when RetinaFace ran on ``images``, else None.
+        flip_keypoints: (2P, 5, 2) keypoints of the mirrored images for flip fusion (a detection
+            rerun on the mirror), or None: mirror ``keypoints``.
     """
 
     name: str
@@ -75,6 +79,7 @@ class PairSet:
     found: Tensor = field(default_factory=lambda: torch.ones(0, dtype=torch.bool))
     source: str = "ground_truth"
     boxes: Tensor | None = None
+    flip_keypoints: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.issame.numel())
@@ -103,18 +108,21 @@ def get_detector(padding_ratio: float = 0.0, input_size: int | None = None,
 
 @torch.no_grad()
 def detect_faces(images: Tensor, batch_size: int = 64, crop: bool = False,
-                 weights: str = "") -> tuple[Tensor, Tensor, Tensor]:
+                 weights: str = "", padding: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """RetinaFace's best face in uint8 RGB images (N, 3, H, W).
 
     Args:
-        crop: the images are tight aligned crops (faces touch the border): pad by 21.5 % and
-            detect at 160 px, CVLface's recipe for 112×112 training crops.
+        crop: the images are tight aligned crops: detect at 160 px (CVLface's aligner input), by
+            default padded by 21.5 % per side (CVLface's recipe for its 112×112 training labels).
+        padding: padding ratio per side before the detector (default: 0.215 for crops, else 0).
 
     Returns:
         boxes (N, 4) normalised (x0, y0, x1, y1) (the whole frame where not found), keypoints
         (N, 5, 2) normalised (template where not found), found (N,) bool.
     """
-    detector = get_detector(0.215 if crop else 0.0, 160 if crop else None, weights)
+    if padding is None:
+        padding = 0.215 if crop else 0.0
+    detector = get_detector(padding, 160 if crop else None, weights)
     boxes, points, found = [], [], []
     for start in range(0, len(images), batch_size):
         box, kp, ok, _ = detector.best_detection(images[start:start + batch_size])
@@ -125,9 +133,9 @@ def detect_faces(images: Tensor, batch_size: int = 64, crop: bool = False,
 
 
 def detect_keypoints(images: Tensor, batch_size: int = 64, crop: bool = False,
-                     weights: str = "") -> tuple[Tensor, Tensor]:
+                     weights: str = "", padding: float | None = None) -> tuple[Tensor, Tensor]:
     """RetinaFace keypoints (N, 5, 2) and found (N,) of uint8 RGB images (see :func:`detect_faces`)."""
-    _, points, found = detect_faces(images, batch_size, crop, weights)
+    _, points, found = detect_faces(images, batch_size, crop, weights, padding)
     return points, found
 
 
@@ -176,7 +184,8 @@ def backbone_of(model: nn.Module) -> nn.Module:
 
 
 def embed(model: nn.Module, images: Tensor, keypoints: Tensor, batch_size: int = 64,
-          device: torch.device | str = "cpu", flip: bool = True, amp: str = "none") -> Tensor:
+          device: torch.device | str = "cpu", flip: bool = True, amp: str = "none",
+          flip_keypoints: Tensor | None = None) -> Tensor:
     """Flip-fused, L2-normalised embeddings.
 
     Args:
@@ -185,19 +194,24 @@ def embed(model: nn.Module, images: Tensor, keypoints: Tensor, batch_size: int =
         keypoints: (N, 5, 2) normalised keypoints of ``images``.
         flip: add the embedding of the mirrored image (insightface flip fusion, sum of raw features).
         amp: the run's ``train.amp`` (none | bf16 | fp16).
+        flip_keypoints: (N, 5, 2) keypoints of the mirrored images (a detection on the mirror);
+            None mirrors ``keypoints``.
 
     Returns:
         (N, D) float32 unit vectors on the CPU.
     """
+    if flip_keypoints is None:
+        flip_keypoints = hflip_keypoints(keypoints.float(), FLIP_PERMUTATION)
     batches = ((normalize_images(images[start:start + batch_size]),
-                keypoints[start:start + batch_size].float())
+                keypoints[start:start + batch_size].float(),
+                flip_keypoints[start:start + batch_size].float())
                for start in range(0, len(images), batch_size))
 
-    def fused(net: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, k = batch
+    def fused(net: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        x, k, k_flip = batch
         feats = net(x, k).float()
         if flip:
-            feats = feats + net(x.flip(-1), hflip_keypoints(k, FLIP_PERMUTATION)).float()
+            feats = feats + net(x.flip(-1), k_flip).float()
         return nn.functional.normalize(feats, dim=1)
 
     return predict(backbone_of(model), batches, fused, device=device, amp=amp)
@@ -208,7 +222,8 @@ def evaluate_pairs(model: nn.Module, pairs: PairSet, batch_size: int = 64,
                    folds: int = 10, amp: str = "none") -> dict[str, float]:
     """insightface 1:1 verification of one pair set → ``{accuracy, accuracy_std, threshold, val,
     val_std, far}`` (accuracy in [0, 1]); ``amp`` is the run's ``train.amp``."""
-    emb = embed(model, pairs.images, pairs.keypoints, batch_size, device, flip, amp)
+    emb = embed(model, pairs.images, pairs.keypoints, batch_size, device, flip, amp,
+                pairs.flip_keypoints)
     folds = min(folds, len(pairs))
     result = verification(emb[0::2].numpy(), emb[1::2].numpy(), pairs.issame.numpy(), folds=folds)
     return {k: float(v) for k, v in result.items()}
@@ -267,21 +282,37 @@ _SYNTHETIC_SETS: dict[tuple, PairSet] = {}
 
 
 def load_bin_set(path: str | Path, keypoints: str = "retinaface", limit: int | None = None,
-                 detector_weights: str = "") -> PairSet:
-    """A ``.bin`` verification file (aligned 112×112 crops) with keypoints per ``keypoints``
-    (``retinaface`` on the crop, or ``template``)."""
+                 detector_weights: str = "", padding: float = 0.0,
+                 flip_keypoints: str = "detect") -> PairSet:
+    """A ``.bin`` verification file (aligned 112×112 crops) with keypoints per ``keypoints``.
+
+    Args:
+        keypoints: ``retinaface`` (detected on the crop, resized to 160 px) or ``template``.
+        padding: padding ratio per side before the detector: 0 as CVLface's evaluation
+            (``aligners/configs/dfa.yaml``), 0.215 as its training-label script.
+        flip_keypoints: keypoints of the mirrored crop for flip fusion: ``detect`` (rerun the
+            detector on the mirror, as CVLface's evaluators) or ``mirror`` (mirror the detection).
+    """
     from ..data.bin_pairs import load_bin
 
+    if flip_keypoints not in ("detect", "mirror"):
+        raise ValueError(f"{path}: flip keypoints must be detect or mirror, got {flip_keypoints!r}")
     pairs = load_bin(path, limit=limit)
     n = len(pairs.images)
+    flipped = None
     if keypoints == "template":
         kp, found = template_keypoints(n), torch.ones(n, dtype=torch.bool)
     elif keypoints == "retinaface":
-        kp, found = detect_keypoints(pairs.images, crop=True, weights=detector_weights)
+        kp, found = detect_keypoints(pairs.images, crop=True, weights=detector_weights,
+                                     padding=padding)
+        if flip_keypoints == "detect":
+            flipped, _ = detect_keypoints(pairs.images.flip(-1), crop=True,
+                                          weights=detector_weights, padding=padding)
     else:
         raise ValueError(f"{path}: keypoints for .bin files must be retinaface or template, got "
                          f"{keypoints!r}")
-    return PairSet(pairs.name, pairs.images, pairs.issame, kp, found, keypoints)
+    return PairSet(pairs.name, pairs.images, pairs.issame, kp, found, keypoints,
+                   flip_keypoints=flipped)
 
 
 def fraction_found(pairs: PairSet) -> float:
