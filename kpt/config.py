@@ -56,6 +56,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "decay_milestones": [],    # multistep: epochs after which the lr is ×0.1 (empty: decay_epochs)
         "warmup_prefix": False,    # cosine: warm-up before the cosine, not inside it (timm)
         "sched_lag": 0,            # step t uses the schedule's lr of step t − lag (CVLface: 1)
+        "cooldown_steps": 0,       # last optimizer steps held at min_lr after the schedule (OpenGait)
         "clip_grad": 0.0,          # max gradient norm (0: off)
         "amp": "none",             # none | bf16 | fp16
         "seed": 0,
@@ -619,6 +620,7 @@ def _check_numbers(cfg: Config) -> None:
     for key in ("eval_every", "save_every", "log_every", "num_workers"):
         need(t[key] >= 0, key, "0 or more")
     need(t.get("sched_lag", 0) >= 0, "sched_lag", "0 or more optimizer steps")
+    need(t.get("cooldown_steps", 0) >= 0, "cooldown_steps", "0 or more optimizer steps")
     if t.epochs == 0 and t.max_steps == 0:
         raise ConfigError("train.epochs=0 and train.max_steps=0: the run would take no training "
                           "step; set train.epochs or train.max_steps to at least 1")

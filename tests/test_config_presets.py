@@ -110,7 +110,7 @@ def test_gait3d_data_brings_its_preset_and_the_user_wins():
     gait = load_plugin("gait")
     cfg = build_config(gait, data="gait3d", overrides=["train.batch_size=32"])
     assert cfg.preset == ["gait3d"] and cfg.model.preset == "paper"
-    assert cfg.train.max_steps == 60000 and cfg.train.batch_size == 32
+    assert cfg.train.max_steps == 80000 and cfg.train.batch_size == 32
     synthetic = build_config(gait)
     assert synthetic.preset == [] and synthetic.train.max_steps == 300
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from kpt.config import Config, build_config, parse_yaml
 from kpt.engine import checkpoint as ckpt_io
 from kpt.engine.optim import build_optimizer, build_scheduler, param_groups
 from kpt.engine.trainer import train
+from kpt.errors import UserError
 
 torch.set_num_threads(1)
 
@@ -231,6 +233,23 @@ def test_schedule_warmup_then_cosine_decay():
     assert lrs[0] == pytest.approx(1e-6) and lrs[:6] == sorted(lrs[:6])  # linear warmup to 1.0
     assert lrs[5:] == sorted(lrs[5:], reverse=True) and lrs[-1] < 0.05
     assert build_scheduler(opt, _cfg("train.sched=none").train, 20, 5) is None
+
+
+def test_cooldown_holds_min_lr_after_a_shorter_cosine():
+    """OpenGait's Gait3D schedule: cosine over T_max = total − cooldown steps, then min_lr."""
+    cfg = _cfg("train.sched=cosine", "train.min_lr=0.01", "train.lr=1.0", "train.cooldown_steps=4",
+               "train.warmup_epochs=0")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, cfg.train, total_steps=10, steps_per_epoch=5)
+    lrs = []
+    for step in range(10):
+        sched.step_update(num_updates=step)
+        lrs.append(opt.param_groups[0]["lr"])
+    # lr(t) = min + (max − min)·(1 + cos(π t / T_max))/2 for t < T_max = 6, min afterwards
+    expected = [0.01 + 0.99 * (1 + math.cos(math.pi * t / 6)) / 2 for t in range(6)] + [0.01] * 4
+    assert lrs == pytest.approx(expected, abs=1e-9)
+    with pytest.raises(UserError, match="train.cooldown_steps=10"):
+        build_scheduler(opt, _cfg("train.cooldown_steps=10").train, total_steps=10, steps_per_epoch=5)
 
 
 def test_nonfinite_loss_names_the_step(tmp_path):

@@ -100,7 +100,7 @@ def test_evaluate_is_the_gait3d_protocol(tmp_path):
 def test_gait3d_preset_and_prepare_message(tmp_path):
     cfg = build_config(PLUGIN, data="gait3d", overrides=["train.lr=1e-4"])
     assert cfg.preset == ["gait3d"] and cfg.model.preset == "paper"
-    assert cfg.train.max_steps == 60000 and cfg.train.batch_size == 128
+    assert cfg.train.max_steps == 80000 and cfg.train.batch_size == 128
     assert cfg.data.frames == 30 and cfg.train.lr == pytest.approx(1e-4)  # the user's value wins
     # OpenGait's 0.1 x lr on stem and head only when warm-started (tests/test_gait_recipe.py)
     assert cfg.model.stem_head_lr_mult == 0.0 and cfg.model.init_from == ""

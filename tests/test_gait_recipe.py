@@ -230,7 +230,8 @@ def test_print_config_shows_opengait_swingait_gait3d_values(tmp_path, capsys):
     assert t["batch_size"] == 128 and t["optimizer"] == "adamw"
     assert (float(t["lr"]), float(t["weight_decay"]), float(t["min_lr"])) == (3e-4, 0.02, 1e-6)
     assert t["sched"] == "cosine" and t["warmup_epochs"] == 0 and t["amp"] == "fp16"
-    assert t["max_steps"] == 60000  # the paper's length = OpenGait's T_max_iter (docs/gait.md)
+    # total_iter 80000 with the cosine over T_max_iter 60000, then 1e-6 for the last 20000
+    assert t["max_steps"] == 80000 and t["cooldown_steps"] == 20000
     assert m["preset"] == "paper" and m["drop_path_rate"] == 0.1 and m["sync_bn"] is True
     assert (loss["margin"], loss["ce_scale"], loss["label_smoothing"]) == (0.2, 16.0, 0.1)
     assert (loss["triplet_weight"], loss["ce_weight"], loss["global_triplet"]) == (1.0, 1.0, True)

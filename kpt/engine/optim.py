@@ -112,7 +112,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: Any, total_step
     Args:
         optimizer: the optimizer whose learning rates are scheduled.
         train_cfg: ``train`` config section (``sched``, ``warmup_epochs``, ``warmup_lr``, ``min_lr``,
-            ``decay_epochs``, ``decay_milestones``, ``warmup_prefix``, ``sched_lag``).
+            ``decay_epochs``, ``decay_milestones``, ``warmup_prefix``, ``sched_lag``,
+            ``cooldown_steps``: the last steps of the run held at ``min_lr``).
         total_steps: optimizer steps of the whole run.
         steps_per_epoch: optimizer steps per epoch (converts the epoch-valued keys to steps).
 
@@ -125,12 +126,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: Any, total_step
         raise ValueError("train.sched=plateau needs a metric per epoch; use cosine, step, multistep, "
                          "poly, tanh or none")
     warmup = round(train_cfg.warmup_epochs * steps_per_epoch)
-    decay = round(train_cfg.decay_epochs * steps_per_epoch) or max(1, total_steps // 3)
-    num_steps = max(1, total_steps)
+    # OpenGait's Gait3D recipe: cosine over the first 60k of 80k iterations, then min_lr; timm's
+    # schedules hold min_lr once past their length, so the cooldown only shortens that length
+    cooldown = int(getattr(train_cfg, "cooldown_steps", 0) or 0)
+    if cooldown and cooldown >= total_steps:
+        raise UserError(f"train.cooldown_steps={cooldown} must be below the run's {total_steps} "
+                        f"optimizer steps")
+    scheduled = total_steps - cooldown
+    decay = round(train_cfg.decay_epochs * steps_per_epoch) or max(1, scheduled // 3)
+    num_steps = max(1, scheduled)
     prefix = bool(getattr(train_cfg, "warmup_prefix", False))
     if prefix:
         # timm's t_initial counts the schedule after the warm-up (CVLface: total − warmup)
-        num_steps = max(1, total_steps - warmup)
+        num_steps = max(1, scheduled - warmup)
     if sched == "multistep" and getattr(train_cfg, "decay_milestones", None):
         scheduler = MilestoneScheduler(
             optimizer, decay_t=milestone_steps(train_cfg.decay_milestones, steps_per_epoch),
