@@ -125,3 +125,12 @@ def test_unaligned_crop_protocol_carries_ground_truth_into_the_crop():
     assert torch.isfinite(crop.keypoints).all()
     with pytest.raises(ValueError, match="unaligned_crop"):
         synthetic_pair_set("sideways", 4)
+
+
+def test_building_a_synthetic_set_leaves_the_global_generator_alone():
+    """Building a set (RetinaFace's construction draws random initial weights) must not move torch's
+    global generator: a face run that builds the sets must train like one that finds them cached."""
+    state = torch.random.get_rng_state().clone()
+    pairs = synthetic_pair_set("unaligned", 6, 3, "retinaface")  # a size no other test builds
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert synthetic_pair_set("unaligned", 6, 3, "retinaface") is pairs  # cached

@@ -242,8 +242,19 @@ def synthetic_pair_set(split: str, num_pairs: int, seed: int = 0, keypoints: str
             keypoints of the raw image carried into the crop.
     """
     key = (split, num_pairs, seed, keypoints, detector_weights)
-    if key in _SYNTHETIC_SETS:  # deterministic: benchmarks training several models reuse it
+    if key in _SYNTHETIC_SETS:
         return _SYNTHETIC_SETS[key]
+    # Building the set (the detector's construction) draws from torch's global generator: keep it
+    # untouched, or a run's training after the first build differs from a run that finds it cached.
+    with torch.random.fork_rng(devices=[]):
+        return _build_synthetic_pair_set(split, num_pairs, seed, keypoints, detector_weights)
+
+
+def _build_synthetic_pair_set(split: str, num_pairs: int, seed: int, keypoints: str,
+                              detector_weights: str) -> PairSet:
+    """The set of :func:`synthetic_pair_set`, built and cached (deterministic: benchmarks training
+    several models reuse it)."""
+    key = (split, num_pairs, seed, keypoints, detector_weights)
     if split not in (*SPLITS, "unaligned_crop"):
         raise ValueError(f"synthetic protocol must be one of {(*SPLITS, 'unaligned_crop')}, got "
                          f"{split!r}")
