@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,8 +43,9 @@ from .synthetic.params import SPLITS
 
 logger = logging.getLogger(__name__)
 
-#: Names ``--test`` accepts (looked up as ``<eval.bin_root or data.root>/<name>.bin``).
-BIN_NAMES = ("lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp")
+#: Names ``--test`` accepts (looked up as ``<eval.bin_root or data.root>/<name>.bin``, then in the
+#: current folder, then as ``$KPT_CACHE/<name>/<name>.bin`` where ``kpt data get orl`` writes ``orl.bin``).
+BIN_NAMES = ("lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp", "orl")
 DATASETS = ("synthetic", *BIN_NAMES, *BOARD_TESTS)
 
 
@@ -171,11 +173,21 @@ def build_train_set(cfg: Config) -> tuple[Any, dict]:
             num_classes, count_from = int(source.num_classes), f"the folders of {d.root}"
         num_classes = check_training_labels(label_set, num_classes, count_from, str(d.root),
                                             allow_sparse=bool(d.allow_sparse_labels))
+        keypoint_source = dataset.keypoint_source  # said of the whole folder, before any split
+        if d.holdout_identities > 0:  # people kept out of training for the verification sets
+            from .evaluation.real_photos import split_identities
+
+            dataset = split_identities(dataset, label_set.labels.astype(np.int64),
+                                       d.holdout_identities, d.holdout_seed)
+            num_classes = dataset.num_classes
         info = {"name": Path(d.root).name, "synthetic": False, "num_classes": int(num_classes),
                 "num_images": len(dataset)}
         logger.info("training data %s: %d images, %d identities; keypoints: %s", d.root,
-                    len(dataset), int(num_classes), dataset.keypoint_source)
+                    len(dataset), int(num_classes), keypoint_source)
         return dataset, info
+    if d.holdout_identities > 0:
+        raise DataError("data.holdout_identities needs real training data (--data PATH); the "
+                        "synthetic faces already test on identities they never train on")
     if d.name != "synthetic":  # e.g. --data lfw: a verification set, not training data
         raise DataError(f"--data {d.name!r} (data.name): face trains on 'synthetic' or on a path "
                         f"(RecordIO folder, image folders), and no file or folder "
@@ -219,18 +231,23 @@ class RenderCache(Dataset):
 
 def resolve_bin(name: str, cfg: Config) -> Path:
     """A ``--test`` entry → the ``.bin`` file: a path, or ``<name>.bin`` in ``eval.bin_root``,
-    ``data.root`` or the current folder (in that order)."""
+    ``data.root``, the current folder or ``$KPT_CACHE/<name>/`` (in that order)."""
     path = Path(name)
     if path.suffix == ".bin" or path.exists():
         return path
-    for root in (cfg.eval.bin_root, cfg.data.root, "."):
+    from .data.orl import default_orl_dir
+
+    cache = default_orl_dir().parent / name  # `kpt data get orl` writes $KPT_CACHE/orl/orl.bin
+    for root in (cfg.eval.bin_root, cfg.data.root, ".", cache):
         if root and (Path(root) / f"{name}.bin").is_file():
             return Path(root) / f"{name}.bin"
     from .data.checks import MissingDataError
 
-    looked = [str(Path(r) / f"{name}.bin") for r in (cfg.eval.bin_root, cfg.data.root, ".") if r]
+    looked = [str(Path(r) / f"{name}.bin") for r in (cfg.eval.bin_root, cfg.data.root, ".", cache)
+              if r]
+    hint = "; run `kpt data get orl` first" if name == "orl" else ""
     raise MissingDataError(f"--test {name}: no {name}.bin (looked for {', '.join(looked)}); pass "
-                           f"the .bin path or set eval.bin_root=FOLDER")
+                           f"the .bin path or set eval.bin_root=FOLDER{hint}")
 
 
 def wants_synthetic_sets(cfg: Config) -> bool:
@@ -268,9 +285,11 @@ def build_eval_sets(cfg: Config) -> dict[str, PairSet]:
                             path, e.bin_keypoints, e.bin_limit or None, padding=e.bin_padding,
                             flip_keypoints=e.bin_flip_keypoints)
             continue
-        pairs = load_bin_set(resolve_bin(name, cfg), e.bin_keypoints, e.bin_limit or None,
+        path = resolve_bin(name, cfg)
+        pairs = load_bin_set(path, e.bin_keypoints, e.bin_limit or None,
                              padding=e.bin_padding, flip_keypoints=e.bin_flip_keypoints)
         sets[pairs.name] = pairs
+        sets.update(_photo_sets(path, pairs.name, cfg))
         logger.info("eval set %s: %d pairs, keypoints %s (face found in %d of %d images)",
                     pairs.name, len(pairs), e.bin_keypoints, int(pairs.found.sum()),
                     int(pairs.found.numel()))
@@ -278,6 +297,18 @@ def build_eval_sets(cfg: Config) -> dict[str, PairSet]:
         logger.warning("no verification set: nothing is evaluated and best.pt is not written; "
                        "pass --test lfw cfp_fp ... (.bin files) or --test synthetic")
     return sets
+
+
+def _photo_sets(path: Path, name: str, cfg: Config) -> dict[str, PairSet]:
+    """Unaligned / detection-crop sets of a ``.bin`` that comes with its photos (``orl.bin``)."""
+    from .data.orl import read_photo_pairs
+
+    meta = read_photo_pairs(path)
+    if meta is None or "unaligned" not in cfg.eval.protocols:
+        return {}
+    from .evaluation.real_photos import photo_pair_sets
+
+    return photo_pair_sets(meta, name, cfg.eval.bin_limit or None, cfg.eval.seed)
 
 
 def build_data(cfg: Config) -> TaskData:
@@ -292,7 +323,13 @@ def build_data(cfg: Config) -> TaskData:
             return RepeatedAugmentSampler(labels, batch_size, seed, rank, world_size, prob)
     elif prob > 0:
         logger.info("repeated augmentation off: the training source has no label table")
-    return TaskData(train=dataset, evals=build_eval_sets(cfg), info=info, batch_sampler=sampler,
+    evals = build_eval_sets(cfg)
+    if cfg.data.holdout_identities > 0:
+        from .evaluation.real_photos import holdout_pair_sets
+
+        evals.update(holdout_pair_sets(dataset, cfg.eval.holdout_pairs_per_fold, cfg.eval.seed,
+                                       cfg.eval.bin_keypoints))
+    return TaskData(train=dataset, evals=evals, info=info, batch_sampler=sampler,
                     collate_fn=FaceCollate(_augment(cfg), _appearance(cfg)))
 
 
@@ -327,6 +364,8 @@ def evaluate_sets(model: nn.Module, sets: dict[str, PairSet], cfg: Config,
             res["val"] = float("nan")
         for field in ("accuracy", "accuracy_std", "threshold", "val", "far"):
             metrics[f"{pairs.name}/{field}"] = res[field]
+        if pairs.source == "retinaface":  # detection rate: missed faces got the template
+            metrics[f"{pairs.name}/face_found"] = 100.0 * fraction_found(pairs)  # percent
         if key in ("aligned", "unaligned", "unaligned_crop"):
             metrics[f"{key}_accuracy"] = res["accuracy"]
         accs.append(res["accuracy"])
@@ -402,6 +441,12 @@ def _embed_command(argv: list[str]) -> int:
     return embed_main(argv)
 
 
+def _data_get(argv: list[str]) -> int:
+    from .data.orl import data_get_command
+
+    return data_get_command(argv)
+
+
 def _data_prepare(argv: list[str]) -> int:
     from .data_commands import prepare
 
@@ -425,7 +470,7 @@ PLUGIN = Plugin(
     evaluate=evaluate,
     datasets=DATASETS,
     keypoint_sources={"retinaface": "kpt_plugins.face.retinaface.detector:RetinaFaceKeypoints"},
-    commands={"predict": _predict_command, "embed": _embed_command,
+    commands={"predict": _predict_command, "embed": _embed_command, "data get": _data_get,
               "data prepare": _data_prepare, "data validate": _data_validate},
     primary_metric="accuracy",
     check_config={"data.num_identities": 4, "data.images_per_identity": 4,
