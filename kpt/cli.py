@@ -457,6 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"kpt: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("kpt: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # a training run stopped by a signal saved last.pt first (TrainingInterrupted carries it)
+        saved = getattr(exc, "checkpoint", None)
+        print("kpt: interrupted" + (f"; saved {saved} (continue with `--resume {saved}`)"
+                                    if saved is not None else ""), file=sys.stderr)
         return 130
