@@ -27,6 +27,8 @@ examples:
   kpt predict face a.jpg b.jpg --weights runs/face/RUN/weights.safetensors
   kpt embed face photos/ --weights runs/face/RUN --out emb.npz   embeddings + file names
   kpt embed face me.jpg --weights runs/face/RUN --gallery photos/   rank a folder 1:N
+  kpt predict face me.jpg --weights runs/face/RUN --gallery photos/   the same search
+  kpt embed gait data/gait/0005 --weights runs/gait/RUN --out emb.npz   gait sequence embeddings
   kpt convert cvlface SRC DST                    convert official CVLface weights
   kpt plot runs/mnist/A runs/mnist/B --out cmp.png   loss / lr / eval curves of runs together
   kpt new-plugin xray                            scaffold a pip-installable plugin package

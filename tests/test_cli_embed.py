@@ -100,10 +100,9 @@ def test_embed_gait_refuses_a_folder_without_sequences_and_other_runs(gait_run, 
 
 
 def test_faces_without_landmarks_are_named_by_file(tmp_path):
-    from PIL import Image
-
     from kpt_plugins.face.data.datasets import FaceDataset
     from kpt_plugins.face.data.landmarks_cache import cache_path, write_landmarks
+    from PIL import Image
 
     root = tmp_path / "faces"
     for person in ("anna", "ben"):
