@@ -114,3 +114,18 @@ def test_faces_without_landmarks_are_named_by_file(tmp_path):
     source = FaceDataset(root).keypoint_source
     assert "face found in 2 of 4" in source
     assert "no face in 2: anna/1.jpg, ben/1.jpg" in source and "anna/0.jpg" not in source
+
+
+def test_record_io_faces_without_landmarks_are_named_by_record_key(tmp_path):
+    from kpt_plugins.face.data.datasets import FaceDataset
+    from kpt_plugins.face.data.landmarks_cache import cache_path, write_landmarks
+    from kpt_plugins.face.data.recordio import encode_image, write_insightface_rec
+
+    root = tmp_path / "rec"
+    image = np.zeros((112, 112, 3), np.uint8)
+    write_insightface_rec(root, [(0, encode_image(image)), (0, encode_image(image)),
+                                 (1, encode_image(image))])
+    write_landmarks(cache_path(root), np.full((3, 5, 2), 0.5, np.float32),
+                    np.array([0.9, 0.0, 0.8], np.float32))
+    # image keys start at 1 in insightface's layout: the second image is record key 2
+    assert "no face in 1: record key 2" in FaceDataset(root).keypoint_source
