@@ -27,6 +27,8 @@ examples:
   kpt predict face a.jpg b.jpg --weights runs/face/RUN/weights.safetensors
   kpt embed face photos/ --weights runs/face/RUN --out emb.npz   embeddings + file names
   kpt embed face me.jpg --weights runs/face/RUN --gallery photos/   rank a folder 1:N
+  kpt predict face me.jpg --weights runs/face/RUN --gallery photos/   the same search
+  kpt embed gait data/gait/0005 --weights runs/gait/RUN --out emb.npz   gait sequence embeddings
   kpt convert cvlface SRC DST                    convert official CVLface weights
   kpt plot runs/mnist/A runs/mnist/B --out cmp.png   loss / lr / eval curves of runs together
   kpt new-plugin xray                            scaffold a pip-installable plugin package
@@ -457,6 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"kpt: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("kpt: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # a training run stopped by a signal saved last.pt first (TrainingInterrupted carries it)
+        saved = getattr(exc, "checkpoint", None)
+        print("kpt: interrupted" + (f"; saved {saved} (continue with `--resume {saved}`)"
+                                    if saved is not None else ""), file=sys.stderr)
         return 130

@@ -137,5 +137,7 @@ def test_cli_ctrl_c_exits_130_after_saving(tmp_path, monkeypatch, capsys):
     assert main(["train", "tiny", "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert f"saved {out / 'last.pt'}" in err and "interrupted" in err
+    # the CLI's own last line says it too, not only the log above it
+    assert err.strip().splitlines()[-1].startswith(f"kpt: interrupted; saved {out / 'last.pt'}")
     assert ckpt_io.load_checkpoint(out / "last.pt")["step"] == 3
     assert "interrupted (SIGINT) at step 3/12" in (out / "run.log").read_text()

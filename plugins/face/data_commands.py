@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .data.checks import LabelSet, gap_summary, label_problems, source_labels
-from .data.datasets import detect_kind, open_face_source
+from .data.datasets import describe_missing, detect_kind, open_face_source
 from .data.landmarks_cache import cache_path, compute_landmarks, read_landmarks, write_landmarks
 from .data.recordio import MAGIC, InsightFaceRec, RecordIOError, decode_image, unpack_record
 
@@ -111,15 +111,9 @@ def prepare(argv: list[str]) -> int:
         source, detector, args.batch_size, progress, workers=args.workers
     )
     write_landmarks(target, keypoints, scores)
-    missing = np.flatnonzero(~found)
-    _out(
-        f"wrote {target}: {int(found.sum())}/{len(found)} faces found"
-        + (
-            f"; template used for {len(missing)} (first: {missing[:10].tolist()})"
-            if len(missing)
-            else ""
-        )
-    )
+    missing = describe_missing(source, found, limit=10)
+    _out(f"wrote {target}: {int(found.sum())}/{len(found)} faces found"
+         + (f"; template used, {missing}" if missing else ""))
     return 0
 
 

@@ -85,6 +85,44 @@ def write_embeddings(out: Path, embeddings: np.ndarray, names: list[str],
     return [out]
 
 
+def rank_gallery(backbone: nn.Module, detector: nn.Module, embeddings: np.ndarray,
+                 names: list[str], gallery: Path, top: int, device: str = "cpu",
+                 prog: str = "kpt") -> dict[str, list[tuple[str, float]]]:
+    """1:N search: embed the images of ``gallery`` and rank them for every query.
+
+    Args:
+        embeddings: (N, D) unit query embeddings (from :func:`embed_images`).
+        names: the N query names.
+        gallery: folder of images (searched recursively); images without a face are skipped
+            and listed on stderr after ``prog``.
+        top: matches kept per query.
+
+    Returns:
+        ``{query name: [(gallery name, cosine similarity), ...]}``, best first.
+    """
+    g_embs, g_names, _, g_missed = embed_images(backbone, detector, image_paths([str(gallery)]),
+                                                device)
+    for name in g_missed:
+        print(f"{prog}: gallery {name}: no face found, skipped", file=sys.stderr)
+    if not g_names:
+        raise DataError(f"--gallery {gallery}: no face found in any of its images")
+    similarity = torch.from_numpy(embeddings) @ torch.from_numpy(g_embs).T  # (N, G) cosine
+    ranking = {}
+    for i, query in enumerate(names):
+        best = torch.argsort(similarity[i], descending=True)[:top].tolist()
+        ranking[query] = [(g_names[j], float(similarity[i, j])) for j in best]
+    return ranking
+
+
+def print_ranking(ranking: dict[str, list[tuple[str, float]]], as_json: bool = False) -> None:
+    """One line per query (``name: match score, ...``), or the whole ranking as one JSON line."""
+    if as_json:
+        print(json.dumps(ranking))
+        return
+    for query, matches in ranking.items():
+        print(f"{query}: " + ", ".join(f"{n} {s:.3f}" for n, s in matches))
+
+
 def embed_main(argv: list[str]) -> int:
     """The ``kpt embed face`` command; returns the exit status."""
     parser = argparse.ArgumentParser(
@@ -119,18 +157,7 @@ def embed_main(argv: list[str]) -> int:
         print(f"wrote {len(names)} embeddings ({embs.shape[1]}-d, weights {weights}) to "
               f"{' and '.join(map(str, files))}")
     if args.gallery is not None:
-        g_embs, g_names, _, g_missed = embed_images(backbone, detector,
-                                                    image_paths([str(args.gallery)]), args.device)
-        for name in g_missed:
-            print(f"kpt embed face: gallery {name}: no face found, skipped", file=sys.stderr)
-        similarity = torch.from_numpy(embs) @ torch.from_numpy(g_embs).T  # (N, G) cosine
-        ranking = {}
-        for i, query in enumerate(names):
-            best = torch.argsort(similarity[i], descending=True)[: args.top].tolist()
-            ranking[query] = [(g_names[j], float(similarity[i, j])) for j in best]
-        if args.json:
-            print(json.dumps(ranking))
-        else:
-            for query, matches in ranking.items():
-                print(f"{query}: " + ", ".join(f"{n} {s:.3f}" for n, s in matches))
+        ranking = rank_gallery(backbone, detector, embs, names, args.gallery, args.top,
+                               args.device, "kpt embed face")
+        print_ranking(ranking, args.json)
     return 0

@@ -1,4 +1,4 @@
-"""``kpt predict face IMG1 IMG2 [--weights W]``.
+"""``kpt predict face IMG1 IMG2 [--weights W]`` and ``kpt predict face QUERY --gallery DIR``.
 
 ``--weights`` takes any file ``kpt.load_model`` reads: a run folder, its ``best.pt`` / ``last.pt`` /
 ``weights.safetensors`` (backbone + head; the backbone is used) or a bare backbone file such as the
@@ -10,6 +10,9 @@ IResNet files. Without ``--weights`` the newest
 Predict: RetinaFace finds the highest-scoring face of each image, the image is aligned to the
 ArcFace 112×112 template with its five points (the keypoints move with it, as CVLface's
 verification app does), embedded with flip fusion, and the cosine similarity is printed.
+With ``--gallery DIR`` the query image(s) are searched in a folder instead (1:N): the faces of DIR
+are ranked by cosine similarity and the best ``--top`` printed, by the same code as
+``kpt embed face --gallery`` (:func:`~.embed.rank_gallery`).
 """
 
 from __future__ import annotations
@@ -106,11 +109,17 @@ def embed_image(backbone: nn.Module, image: np.ndarray, detector: nn.Module, wha
 
 
 def predict_main(argv: list[str]) -> int:
-    """``kpt predict face IMG1 IMG2 [--weights W] [--threshold T]``: print the cosine similarity."""
+    """``kpt predict face IMG1 IMG2 [--weights W] [--threshold T]``: print the cosine similarity;
+    ``kpt predict face QUERY... --gallery DIR [--top K]``: rank the faces of a folder (1:N)."""
     parser = argparse.ArgumentParser(
         prog="kpt predict face",
-        description="Cosine similarity of the faces in two images (detect, align, embed).")
-    parser.add_argument("images", nargs=2, metavar="IMG")
+        description="Cosine similarity of the faces in two images (detect, align, embed), or, "
+                    "with --gallery DIR, the faces of a folder ranked for a query image (1:N).")
+    parser.add_argument("images", nargs="+", metavar="IMG",
+                        help="two images to compare, or the query image(s) with --gallery")
+    parser.add_argument("--gallery", type=Path,
+                        help="folder of images (searched recursively) to rank for each query")
+    parser.add_argument("--top", type=int, default=5, help="matches printed per query (--gallery)")
     parser.add_argument("--weights", help="model file (default: newest runs/face/*/weights)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="print 'same'/'different' for similarity ≥/< this")
@@ -121,11 +130,16 @@ def predict_main(argv: list[str]) -> int:
     parser.add_argument("--input-std", type=float, default=127.5, help="see --input-mean")
     parser.add_argument("--json", action="store_true", help="print a JSON object")
     args = parser.parse_args(argv)
+    if args.gallery is None and len(args.images) != 2:
+        parser.error(f"give two images to compare (got {len(args.images)}), or query image(s) "
+                     f"and --gallery DIR")
     from .evaluation.verification import get_detector
 
     weights = find_weights(args.weights)
     backbone = load_face_backbone(weights, args.device, args.input_mean, args.input_std)
     detector = get_detector().to(args.device)
+    if args.gallery is not None:
+        return _search(args, backbone, detector)
     try:
         embs, scores = [], []
         for name in args.images:
@@ -147,4 +161,20 @@ def predict_main(argv: list[str]) -> int:
               f"{scores[1]:.2f}; weights {weights})")
         if args.threshold is not None:
             print("same person" if result["same"] else "different people")
+    return 0
+
+
+def _search(args: argparse.Namespace, backbone: nn.Module, detector: nn.Module) -> int:
+    """``--gallery``: rank the gallery for every query (exit status 1 when no query has a face)."""
+    from .embed import embed_images, image_paths, print_ranking, rank_gallery
+
+    embs, names, _, missed = embed_images(backbone, detector, image_paths(args.images),
+                                          args.device)
+    for name in missed:
+        print(f"kpt predict face: {name}: no face found", file=sys.stderr)
+    if not names:
+        return 1
+    ranking = rank_gallery(backbone, detector, embs, names, args.gallery, args.top, args.device,
+                           "kpt predict face")
+    print_ranking(ranking, args.json)
     return 0

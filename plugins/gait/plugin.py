@@ -238,6 +238,12 @@ def evaluate(model: nn.Module, data: TaskData, cfg, device: torch.device) -> dic
     return results
 
 
+def _embed_command(argv: list[str]) -> int:
+    from kpt_plugins.gait.embed import embed_main
+
+    return embed_main(argv)
+
+
 def _synthetic_get(argv: list[str]) -> int:
     """``kpt data get gait --dst DIR``: writes the synthetic walkers that ``kpt train gait`` uses."""
     import argparse
@@ -263,7 +269,7 @@ PLUGIN = Plugin(
     evaluate=evaluate,
     datasets=PLUGIN_DATASETS,
     commands={"data prepare": prepare_main, "data validate": validate_main,
-              "data get": _synthetic_get},
+              "data get": _synthetic_get, "embed": _embed_command},
     primary_metric="rank1",
     check_config={"data.synthetic_train_ids": 4, "data.synthetic_test_ids": 3,
                   "data.synthetic_seqs": 2, "data.synthetic_frames": 12, "data.frames": 8,

@@ -30,7 +30,8 @@ from .bin_pairs import load_bin
 from .folders import ImageFolderFaces, TinyFaceProtocol
 from .recordio import InsightFaceRec
 
-__all__ = ["FaceDataset", "FaceSource", "detect_kind", "open_face_source"]
+__all__ = ["FaceDataset", "FaceSource", "describe_missing", "detect_kind", "item_name",
+           "open_face_source"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,36 @@ def open_face_source(path: str | Path) -> tuple[str, FaceSource]:
     return kind, ImageFolderFaces(path)
 
 
+def item_name(source: FaceSource, index: int) -> str:
+    """How a user finds item ``index`` of a source: the image's file name (relative to the data
+    folder), ``record key K`` for RecordIO, ``image I (pair P)`` for a ``.bin`` file."""
+    if isinstance(source, InsightFaceRec):
+        return f"record key {source.image_keys[index]}"
+    if isinstance(source, _BinSource):
+        return f"image {index} (pair {index // 2})"
+    if isinstance(source, _TinyFaceSource):
+        path, root = source.paths[index], source.protocol.root
+    elif isinstance(source, ImageFolderFaces):
+        path, root = source.paths[index], source.root
+    else:
+        return f"item {index}"
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def describe_missing(source: FaceSource, found: np.ndarray, limit: int = 5) -> str:
+    """``"no face in 3: a/1.jpg, b/2.jpg, c/7.jpg"`` for the items where ``found`` (N,) bool is
+    False, naming at most ``limit`` of them; ``""`` when every item has a face."""
+    missing = np.flatnonzero(~np.asarray(found, dtype=bool))
+    if not len(missing):
+        return ""
+    names = ", ".join(item_name(source, int(i)) for i in missing[:limit])
+    more = f", ... ({len(missing) - limit} more)" if len(missing) > limit else ""
+    return f"no face in {len(missing)}: {names}{more}"
+
+
 class FaceDataset(Dataset):
     """kpt training items from a face source.
 
@@ -152,6 +183,9 @@ class FaceDataset(Dataset):
                     log.info("%s: keypoints from %s", data_path, cache_path(data_path))
                     found = (f"face found in {int((scores > 0).sum())} of {len(scores)} images"
                              if scores is not None else "no detection scores")
+                    if scores is not None and (scores <= 0).any():
+                        # by name: an index into the sorted file list helps nobody find the image
+                        found += f"; template used, {describe_missing(source, scores > 0)}"
                     self.keypoint_source = f"landmark cache {cache_path(data_path)} ({found})"
         if keypoints is None:
             self.keypoint_source = ("template (ArcFace five points; no landmark cache: run "
