@@ -34,6 +34,7 @@ keypoints), accuracy over the ten folds (:func:`kpt.metrics.verification`) in pe
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,8 +176,6 @@ class CFPProtocol:
 
 def _resolve(proto: Path, rel: str) -> str:
     """An image path of a pair list: relative to ``Protocol/`` (``../Data/Images/...``)."""
-    import os
-
     return os.path.normpath(proto / rel)
 
 
