@@ -183,7 +183,7 @@ def test_full_names_missing_sets_and_named_sets_must_exist(tmp_path):
 
     write_tinyface(tmp_path / "tinyface")
     run, missing = expand_tests(["full"], [str(tmp_path)])
-    assert run == ["tinyface"] and missing == ["ijbb", "ijbc", "ijbc_unaligned"]
+    assert run == ["tinyface"] and missing == ["ijbb", "ijbc", "ijbc_unaligned", "cfp_fp_unaligned"]
     with pytest.raises(MissingDataError, match="ijbc"):
         expand_tests(["ijbc"], [str(tmp_path)])
 

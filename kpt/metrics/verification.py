@@ -129,8 +129,29 @@ def pair_distances(emb_a: ArrayLike, emb_b: ArrayLike) -> np.ndarray:
     return np.sum(np.square(a - b), axis=1)
 
 
+def fold_splits(fold_ids: ArrayLike) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index splits of an explicit fold assignment, folds in ascending id order.
+
+    For protocols whose folds are listed by the data set (CFP's ``Protocol/Split/FP/01..10``)
+    rather than implied by contiguous blocks of the pair list.
+
+    Args:
+        fold_ids: ``(n,)`` integer fold id of every pair; at least two distinct ids.
+
+    Returns:
+        one ``(train_indices, test_indices)`` tuple of int64 arrays per distinct id.
+    """
+    ids = np.asarray(fold_ids).reshape(-1)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"fold_ids: expected integer fold ids, got dtype {ids.dtype}")
+    unique = np.unique(ids)
+    if unique.size < 2:
+        raise ValueError(f"fold_ids: need at least 2 distinct folds, got {unique.tolist()}")
+    return [(np.flatnonzero(ids != k), np.flatnonzero(ids == k)) for k in unique]
+
+
 def verification(emb_a: ArrayLike, emb_b: ArrayLike, issame: ArrayLike, folds: int = 10,
-                 far: float = 1e-3) -> dict[str, float]:
+                 far: float = 1e-3, fold_ids: ArrayLike | None = None) -> dict[str, float]:
     """insightface 10-fold pair verification: accuracy, best threshold and VAL@FAR.
 
     Args:
@@ -139,6 +160,8 @@ def verification(emb_a: ArrayLike, emb_b: ArrayLike, issame: ArrayLike, folds: i
         issame: ``(n,)`` bool, True for genuine pairs.
         folds: number of contiguous folds (10 in every standard protocol).
         far: target false accept rate of the VAL@FAR figure (1e-3 in insightface).
+        fold_ids: ``(n,)`` integer fold of every pair (an official split list); replaces the
+            ``folds`` contiguous blocks when given.
 
     Returns:
         ``accuracy`` and ``accuracy_std`` (fractions in [0, 1]; mean and population std over folds),
@@ -149,8 +172,14 @@ def verification(emb_a: ArrayLike, emb_b: ArrayLike, issame: ArrayLike, folds: i
     dist = pair_distances(emb_a, emb_b)
     same = as_bool(issame, "issame", dist.size)
 
+    if fold_ids is not None:
+        if np.asarray(fold_ids).size != dist.size:
+            raise ValueError(f"fold_ids: {np.asarray(fold_ids).size} entries for {dist.size} pairs")
+        splits = fold_splits(fold_ids)
+    else:
+        splits = kfold_splits(dist.size, folds)
     fold_accuracy, fold_threshold, fold_val, fold_far = [], [], [], []
-    for train, test in kfold_splits(dist.size, folds):
+    for train, test in splits:
         train_accuracy, _, _ = _accuracy_curve(dist[train], same[train], ACCURACY_THRESHOLDS)
         best = int(np.argmax(train_accuracy))  # first maximum = smallest threshold on ties
         threshold = ACCURACY_THRESHOLDS[best]

@@ -262,15 +262,43 @@ def _validate_ijb(data: Path, report: _Report, check_images: bool) -> int | None
         _out(f"  tinyface: {tiny if tiny else 'not found'}")
         for line in tinyface_layout_problems(tiny) if tiny else []:
             report.problem(line)
+        from .evaluation.cfp import cfp_layout_problems, find_cfp_root
+
+        cfp = find_cfp_root([data])
+        _out(f"  raw CFP (cfp_fp_unaligned): {cfp if cfp else 'not found'}")
+        for line in cfp_layout_problems(cfp, check_images) if cfp else []:
+            report.problem(line)
         bins = find_bins([str(data)])
         _out(f"  .bin sets: {', '.join(b for b in BOARD_BINS if b in bins) or 'none'}"
              f"; not found: {', '.join(b for b in BOARD_BINS if b not in bins) or 'none'}")
-        missing = [t for t in IJB_TARGETS if t not in found] + ([] if tiny else ["tinyface"])
+        missing = ([t for t in IJB_TARGETS if t not in found] + ([] if tiny else ["tinyface"])
+                   + ([] if cfp else ["cfp_fp_unaligned"]))
         if missing:
             _out(f"  the board row will leave empty: {', '.join(missing)}")
     if report.problems or not ok_any:
         _out(f"{len(report.problems)} problem(s) found")
         return 1
+    _out("OK")
+    return 0
+
+
+def _validate_cfp(data: Path, report: _Report, check_images: bool) -> int | None:
+    """Raw CFP tree check (None when ``data`` holds none): pair lists, FP splits, images."""
+    from .evaluation.cfp import CFPProtocol, cfp_layout_problems, find_cfp_root
+
+    root = find_cfp_root([data]) if data.is_dir() else None
+    if root is None:
+        return None
+    _out(f"{data}: raw CFP tree ({root})")
+    for line in cfp_layout_problems(root, check_images):
+        report.problem(line)
+    if report.problems:
+        _out(f"{len(report.problems)} problem(s) found")
+        return 1
+    protocol = CFPProtocol.from_folder(root)
+    splits = len(set(protocol.fold.tolist()))
+    _out(f"  FP: {len(protocol)} pairs ({int(protocol.issame.sum())} genuine) in {splits} splits"
+         f"{'' if splits == 10 else ' (the release has 10)'}, {len(protocol.paths)} images")
     _out("OK")
     return 0
 
@@ -290,6 +318,9 @@ def validate(argv: list[str]) -> int:
     ijb = _validate_ijb(data, report, not args.no_decode)
     if ijb is not None:
         return ijb
+    cfp = _validate_cfp(data, report, not args.no_decode)
+    if cfp is not None:
+        return cfp
     try:
         kind = detect_kind(data)
         _, source = open_face_source(data)

@@ -482,6 +482,7 @@ PLUGIN = Plugin(
              "eval.bin_keypoints": ("retinaface", "template"),
              "eval.ijb_unaligned_keypoints": ("provided", "retinaface"),
              "eval.tinyface_keypoints": ("template", "retinaface"),
+             "eval.cfp_resize": ("stretch", "pad"),
              "eval.bin_flip_keypoints": ("detect", "mirror"),
              "eval.protocols": (*SPLITS, "unaligned_crop"),
              "eval.aligned_keypoints": ("ground_truth", "retinaface", "template"),

@@ -7,9 +7,10 @@ the board root (``eval.bin_root``, else ``data.root``) and writes the row as mar
     AVG, LFW, CPLFW, CFP-FP, CALFW, AgeDB, IJB-B@0.01, IJB-C@0.01, TinyFace R1, TinyFace R5
 
 (accuracies and TAR@FAR = 0.01 % in percent; AVG = the mean of those nine, left empty unless all
-nine were measured) and the unaligned column ``IJB-C@0.01 unaligned`` (KP-RPE paper, Table 1).
-Sets that are not found are named in the output, never silently dropped. ``--test ijbb ijbc
-ijbc_unaligned tinyface`` runs single protocols.
+nine were measured) and the unaligned columns ``IJB-C@0.01 unaligned`` and ``CFP-FP unaligned``
+(KP-RPE paper, Table 1; the raw CFP tree, :mod:`.cfp`). Sets that are not found are named in the
+output, never silently dropped. ``--test ijbb ijbc ijbc_unaligned tinyface cfp_fp_unaligned`` runs
+single protocols.
 
 The recogniser is an :data:`~.features.Embedder`: a kpt model (kpt weights, converted CVLface
 weights) through :class:`~.features.ModelEmbedder`, or any object with the same call (ONNX).
@@ -27,6 +28,7 @@ from typing import Any
 from kpt.config import Config
 from kpt.metrics.tar_at_far import far_key
 
+from .cfp import evaluate_cfp, find_cfp_root
 from .features import ModelEmbedder, cache_folder
 from .ijb import evaluate_ijb, find_ijb_root
 from .tinyface import evaluate_tinyface, find_tinyface_root
@@ -37,7 +39,8 @@ __all__ = ["BOARD_BINS", "BOARD_TESTS", "COLUMNS", "board_metrics", "board_row",
 logger = logging.getLogger(__name__)
 
 #: ``--test`` names handled here (not ``.bin`` files).
-BOARD_TESTS = ("ijbb", "ijbc", "ijbb_unaligned", "ijbc_unaligned", "tinyface", "full")
+BOARD_TESTS = ("ijbb", "ijbc", "ijbb_unaligned", "ijbc_unaligned", "tinyface", "cfp_fp_unaligned",
+               "full")
 #: The verification ``.bin`` sets of the board, in column order.
 BOARD_BINS = ("lfw", "cplfw", "cfp_fp", "calfw", "agedb_30")
 _BOARD_FAR = far_key(1e-4)
@@ -48,6 +51,7 @@ COLUMNS = (
     ("IJB-B@0.01", f"ijbb/{_BOARD_FAR}"), ("IJB-C@0.01", f"ijbc/{_BOARD_FAR}"),
     ("TinyFace R1", "tinyface/rank1"), ("TinyFace R5", "tinyface/rank5"),
     ("IJB-C@0.01 unaligned", f"ijbc_unaligned/{_BOARD_FAR}"),
+    ("CFP-FP unaligned", "cfp_fp_unaligned/accuracy"),
 )
 _AVERAGED = 9  # AVG is over the seed's nine columns, as the CVLface board
 
@@ -84,12 +88,14 @@ def expand_tests(tests: list[str], roots: list[str]) -> tuple[list[str], list[st
     missing: list[str] = []
     wanted = [t for t in tests if t in BOARD_TESTS]
     if "full" in wanted:
-        wanted = [t for t in wanted if t != "full"] + ["ijbb", "ijbc", "ijbc_unaligned", "tinyface"]
+        wanted = [t for t in wanted if t != "full"] + ["ijbb", "ijbc", "ijbc_unaligned", "tinyface",
+                                                       "cfp_fp_unaligned"]
         optional = True
     else:
         optional = False
     for name in dict.fromkeys(wanted):
         found = (find_tinyface_root(roots) if name == "tinyface"
+                 else find_cfp_root(roots) if name == "cfp_fp_unaligned"
                  else find_ijb_root(roots, _target(name)))
         if found is not None:
             run.append(name)
@@ -105,6 +111,9 @@ def expand_tests(tests: list[str], roots: list[str]) -> tuple[list[str], list[st
 def _layout_hint(name: str) -> str:
     if name == "tinyface":
         return "TinyFace layout (Probe/, Gallery_Match/, Gallery_Distractor/)"
+    if name == "cfp_fp_unaligned":
+        return ("raw CFP tree (cfp-dataset/Protocol/Pair_list_F.txt, Pair_list_P.txt, Split/FP/, "
+                "Data/Images/)")
     t = _target(name)
     return f"IJB layout ({t.upper()}/loose_crop/ and {t.upper()}/meta/{t}_face_tid_mid.txt)"
 
@@ -114,7 +123,8 @@ def run_board_sets(embedder: Any, names: list[str], roots: list[str], *, size: i
                    cache_root: str = "", chunk_size: int = 8192, batch_size: int = 64,
                    workers: int = 0, unaligned_keypoints: str = "provided",
                    tinyface_keypoints: str = "template", detector: Any = None,
-                   crop_detector: Any = None) -> dict[str, float]:
+                   crop_detector: Any = None, cfp_resize: str = "stretch",
+                   cfp_detector: Any = None) -> dict[str, float]:
     """Metrics of the IJB / TinyFace protocols ``names`` (see :data:`BOARD_TESTS`).
 
     Args:
@@ -124,15 +134,23 @@ def run_board_sets(embedder: Any, names: list[str], roots: list[str], *, size: i
             when ``unaligned_keypoints`` is ``retinaface``.
         crop_detector: the same for TinyFace's aligned crops when ``tinyface_keypoints`` is
             ``retinaface``.
+        cfp_resize: ``stretch`` | ``pad``, the unaligned CFP-FP resize rule (see :mod:`.cfp`).
+        cfp_detector: ``(B, 3, H, W) uint8 -> ((B, 5, 2), (B,) found)`` for CFP-FP (None:
+            RetinaFace).
 
     Returns:
-        ``ijbc/tar@far=1e-4`` …, ``ijbc_unaligned/…``, ``tinyface/rank1`` … (percent).
+        ``ijbc/tar@far=1e-4`` …, ``ijbc_unaligned/…``, ``tinyface/rank1`` …,
+        ``cfp_fp_unaligned/accuracy`` … (percent).
     """
     key = getattr(embedder, "key", "") or "unnamed"
     metrics: dict[str, float] = {}
     for name in names:
         variant = f"{'flip' if flip else 'noflip'}-{size}"
-        if name == "tinyface":
+        if name == "cfp_fp_unaligned":
+            res = evaluate_cfp(embedder, find_cfp_root(roots), size=size, resize=cfp_resize,
+                               flip=flip, detector=cfp_detector, batch_size=batch_size,
+                               workers=workers)
+        elif name == "tinyface":
             root = find_tinyface_root(roots)
             kp_fn = crop_detector if tinyface_keypoints == "retinaface" else None
             cache = None if cache_root == "none" else cache_folder(
@@ -223,7 +241,7 @@ def board_metrics(model: Any, cfg: Config, device: Any, metrics: dict[str, float
                          chunk_size=e.cache_chunk, batch_size=e.batch_size, workers=e.workers,
                          unaligned_keypoints=e.ijb_unaligned_keypoints,
                          tinyface_keypoints=e.tinyface_keypoints, detector=detector,
-                         crop_detector=crop_detector)
+                         crop_detector=crop_detector, cfp_resize=e.cfp_resize)
     if "full" in e.test or e.board_out:
         found_bins = find_bins(roots)
         missing = [n for n in BOARD_BINS if n not in found_bins] + missing
