@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 from typing import ClassVar
 
@@ -20,18 +19,6 @@ from kpt.errors import UserError
 
 torch.set_num_threads(1)
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def kpt_log(caplog):
-    """caplog that also sees the ``kpt`` logger (the CLI's configure_logging stops propagation)."""
-    root = logging.getLogger("kpt")
-    root.addHandler(caplog.handler)
-    level = root.level
-    root.setLevel(logging.INFO)
-    yield caplog
-    root.removeHandler(caplog.handler)
-    root.setLevel(level)
 
 
 def _cfg(*overrides):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import signal
 
@@ -19,18 +18,6 @@ from kpt.engine.interrupt import StopRequest, TrainingInterrupted
 from kpt.engine.trainer import train
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture
-def kpt_log(caplog):
-    """caplog that also sees the ``kpt`` logger (the CLI's configure_logging stops propagation)."""
-    root = logging.getLogger("kpt")
-    root.addHandler(caplog.handler)
-    level = root.level
-    root.setLevel(logging.INFO)
-    yield caplog
-    root.removeHandler(caplog.handler)
-    root.setLevel(level)
 
 
 def _cfg(*overrides):

@@ -46,18 +46,6 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-@pytest.fixture
-def kpt_log(caplog):
-    """caplog that also sees the ``kpt`` logger (the CLI's configure_logging stops propagation)."""
-    root = logging.getLogger("kpt")
-    root.addHandler(caplog.handler)
-    level = root.level
-    root.setLevel(logging.INFO)
-    yield caplog
-    root.removeHandler(caplog.handler)
-    root.setLevel(level)
-
-
 def _cfg(*overrides):
     return build_config(tiny.PLUGIN, overrides=list(overrides))
 
