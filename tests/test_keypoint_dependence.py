@@ -173,3 +173,20 @@ def test_other_splits_are_unchanged_by_the_new_ones():
     a = image_params([7], [3], 0, "unaligned")
     b = image_params([7], [3], 0, "unaligned_centred_interp")
     assert all(np.array_equal(a[k], b[k]) for k in a if k != "matrix")
+
+
+def test_the_robustness_bench_reports_the_probe(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = Path(__file__).resolve().parents[1] / "bench" / "face_robustness.py"
+    spec = importlib.util.spec_from_file_location("face_robustness_bench_probe", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "out"
+    assert bench.main(["--variants", "abs", "--steps", "1", "--batch-size", "8", "--identities",
+                       "4", "--images-per-identity", "2", "--pairs", "10", "--probe",
+                       "--probe-sets", "unaligned_centred_scale", "--out", str(out),
+                       "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
+                       "model.patch_size=28", "eval.batch_size=20"]) == 0
+    row = json.loads((out / "face_robustness.json").read_text())["results"][0]
+    assert len(set(row["probe"]["unaligned_centred_scale"].values())) == 1  # abs: keypoint-blind
+    assert "| unaligned_centred_scale |" in (out / "keypoint_dependence.md").read_text()
