@@ -98,7 +98,8 @@ def run_variant(pos: str, args: argparse.Namespace, out: Path) -> dict:
         # does the model follow its keypoints? the same images with true / template / shuffled /
         # displaced keypoints (bench/keypoint_dependence.py), on the sets where only they help
         probe = _keypoint_probe()
-        sets = probe.synthetic_sets(args.probe_sets or probe.SETS, args.pairs)
+        names = args.probe_sets.split(",") if args.probe_sets else probe.SETS
+        sets = probe.synthetic_sets(names, args.pairs)
         result["probe"] = probe.probe_model(model, sets, batch_size=args.batch_size)
     if args.sweep:
         # Fig. 5: from the detection crop to the aligned crop, the path set by the GT keypoints
@@ -268,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", action="store_true",
                         help="also run the keypoint-dependence probe (bench/keypoint_dependence.py) "
                              "and write keypoint_dependence.md / .json under --out")
-    parser.add_argument("--probe-sets", nargs="+", default=[], metavar="SPLIT",
-                        help="with --probe: the synthetic splits to probe (default: its SETS)")
+    parser.add_argument("--probe-sets", default="", metavar="SPLIT,SPLIT",
+                        help="with --probe: comma-separated synthetic splits to probe (default: "
+                             "the probe's SETS)")
     parser.add_argument("--sweep", type=int, default=0, help="Fig. 5 sweep steps (0: off)")
     parser.add_argument("--out", default="bench_out/face_robustness")
     parser.add_argument("--label", default="",

@@ -175,6 +175,7 @@ def test_other_splits_are_unchanged_by_the_new_ones():
     assert all(np.array_equal(a[k], b[k]) for k in a if k != "matrix")
 
 
+@pytest.mark.slow  # trains for one step and runs RetinaFace: ~10 s on a shared CPU
 def test_the_robustness_bench_reports_the_probe(tmp_path):
     pytest.importorskip("matplotlib")
     path = Path(__file__).resolve().parents[1] / "bench" / "face_robustness.py"
@@ -184,7 +185,7 @@ def test_the_robustness_bench_reports_the_probe(tmp_path):
     out = tmp_path / "out"
     assert bench.main(["--variants", "abs", "--steps", "1", "--batch-size", "8", "--identities",
                        "4", "--images-per-identity", "2", "--pairs", "10", "--probe",
-                       "--probe-sets", "unaligned_centred_scale", "--out", str(out),
+                       "--probe-sets", "unaligned_centred_scale,aligned", "--out", str(out),
                        "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
                        "model.patch_size=28", "eval.batch_size=20"]) == 0
     row = json.loads((out / "face_robustness.json").read_text())["results"][0]
