@@ -45,11 +45,13 @@ def tiny_sets(probe):
 
 def test_a_keypoint_blind_model_scores_the_same_under_every_perturbation(probe, tiny_sets):
     result = probe.probe_model(_tiny_backbone("abs"), tiny_sets, batch_size=24)
-    assert set(result) == set(tiny_sets)
-    for row in result.values():
+    assert set(result["accuracy"]) == set(result["drift"]) == set(tiny_sets)
+    for row in result["accuracy"].values():
         assert set(row) == {"true", "template", "shuffled", "shift2", "shift4", "shift8",
                             "rotate15", "scale1.25"}
         assert len(set(row.values())) == 1, row
+    for row in result["drift"].values():
+        assert max(abs(v) for v in row.values()) < 1e-6, row
 
 
 def test_every_perturbation_changes_what_the_backbone_receives(probe, tiny_sets):
@@ -59,15 +61,18 @@ def test_every_perturbation_changes_what_the_backbone_receives(probe, tiny_sets)
 
     model = _tiny_backbone("kprpe")
     with torch.no_grad():  # KP-RPE starts keypoint-blind (zero-initialised offsets): wake it up
-        for param in model.parameters():
-            if not param.any():
-                param.normal_(0, 0.5)
+        for name, param in model.named_parameters():
+            if "kprpe" in name:
+                param.normal_(0, 2.0)
     pairs = tiny_sets["unaligned_centred_rotate"]
     reference = embed(model, pairs.images, pairs.keypoints, flip=False)
     for name, args in probe.perturbations().items():
         kp = probe.perturbed_keypoints(pairs, name, args)
         moved = (embed(model, pairs.images, kp, flip=False) - reference).abs().max()
         assert (moved == 0) == (name == "true"), name
+    drift = probe.probe_model(model, {"s": pairs}, batch_size=24)["drift"]["s"]
+    assert drift["true"] == pytest.approx(0, abs=1e-6)
+    assert min(v for k, v in drift.items() if k != "true") > 1e-9, drift
 
 
 def test_shuffling_is_a_derangement(probe):
@@ -113,8 +118,9 @@ def test_the_probe_writes_a_table_and_json(probe, tiny_sets, tmp_path):
     header = text.splitlines()[2]
     assert "| unaligned_centred_rotate |" in text and "shift4" in header and "rotate" not in header
     saved = json.loads((tmp_path / "keypoint_dependence.json").read_text())
-    assert set(saved["results"]["tiny"]["unaligned_shift"]) == {"true", "template", "shuffled",
-                                                                "shift4"}
+    assert set(saved["results"]["tiny"]["accuracy"]["unaligned_shift"]) == {
+        "true", "template", "shuffled", "shift4"}
+    assert "embedding drift" in text
 
 
 def _similarity(split: str, n: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -189,5 +195,5 @@ def test_the_robustness_bench_reports_the_probe(tmp_path):
                        "model.embed_dim=16", "model.depth=1", "model.num_heads=2",
                        "model.patch_size=28", "eval.batch_size=20"]) == 0
     row = json.loads((out / "face_robustness.json").read_text())["results"][0]
-    assert len(set(row["probe"]["unaligned_centred_scale"].values())) == 1  # abs: keypoint-blind
+    assert len(set(row["probe"]["accuracy"]["unaligned_centred_scale"].values())) == 1  # blind
     assert "| unaligned_centred_scale |" in (out / "keypoint_dependence.md").read_text()
