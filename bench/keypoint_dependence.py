@@ -181,7 +181,7 @@ def synthetic_sets(names: Sequence[str], num_pairs: int, seed: int = 0) -> dict:
 
 def markdown(results: dict[str, dict]) -> str:
     """Per model: accuracy (percent; sets as rows, perturbations as columns, plus the keypoint gains
-    ``true − template`` and ``true − shuffled`` in points), then the embedding drift (× 1000)."""
+    ``true − template`` and ``true − shuffled`` in points), then the embedding drift."""
     lines: list[str] = []
     for label, probe in results.items():
         by_set = probe["accuracy"]
@@ -194,10 +194,10 @@ def markdown(results: dict[str, dict]) -> str:
                      ("template", "shuffled")]
             lines.append(f"| {set_name} | " + " | ".join(cells + gains) + " |")
         lines += ["", (f"**{label}**: embedding drift, mean 1 − cos to the true-keypoint embedding "
-                  "(× 1000; 0 = the keypoints are ignored)"), "",
+                  "(0 = the keypoints are ignored)"), "",
                   "| set | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for set_name, row in probe["drift"].items():
-            lines.append(f"| {set_name} | " + " | ".join(f"{1000 * row[c]:.2f}" for c in cols)
+            lines.append(f"| {set_name} | " + " | ".join(f"{row[c]:.1e}" for c in cols)
                          + " |")
         lines.append("")
     return "\n".join(lines)
