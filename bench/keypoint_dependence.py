@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.runs:
         model = kpt.load_model(run, map_location=args.device)
         label = run_label(run)
+        if label in results:  # e.g. one folder name in several seeds' outputs: keep both
+            label = run
         results[label] = probe_model(model, sets, table, args.batch_size, args.device, args.seed)
         write_outputs(results, Path(args.out), vars(args))  # after every run: partial results
         print(markdown({label: results[label]}), flush=True)
