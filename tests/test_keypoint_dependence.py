@@ -197,3 +197,19 @@ def test_the_robustness_bench_reports_the_probe(tmp_path):
     row = json.loads((out / "face_robustness.json").read_text())["results"][0]
     assert len(set(row["probe"]["accuracy"]["unaligned_centred_scale"].values())) == 1  # blind
     assert "| unaligned_centred_scale |" in (out / "keypoint_dependence.md").read_text()
+
+
+def test_the_command_probes_weights_files_and_keeps_same_named_runs_apart(probe, tmp_path):
+    from kpt.models import save_model
+
+    runs = []
+    for seed in ("s0", "s1"):
+        path = tmp_path / seed / "run" / "weights.safetensors"
+        path.parent.mkdir(parents=True)
+        save_model(_tiny_backbone("abs"), path)
+        runs.append(str(path))
+    out = tmp_path / "out"
+    assert probe.main([*runs, "--out", str(out), "--pairs", "6", "--sets", "unaligned_centred_scale",
+                       "--shifts", "4", "--rotate", "0", "--scale", "1"]) == 0
+    saved = json.loads((out / "keypoint_dependence.json").read_text())["results"]
+    assert list(saved) == ["run", runs[1]]
