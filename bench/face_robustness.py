@@ -15,7 +15,8 @@ ground-truth landmarks (the same protocol without detector noise), and the unali
 square around RetinaFace's box (the detection crop, where Fig. 5 starts). Writes a JSON, a markdown table
 and a PNG bar chart; ``--sweep N`` adds the Fig. 5 alignment sweep (CSV + PNG); ``--factors`` adds
 one-factor unaligned sets (shift only, rotation only, scale only, GT keypoints) to see which
-misalignment costs accuracy. Extra ``key=value`` overrides reach the config of every variant
+misalignment costs accuracy; ``--probe`` adds the keypoint-dependence probe
+(``bench/keypoint_dependence.py``: true vs template, shuffled and displaced keypoints). Extra ``key=value`` overrides reach the config of every variant
 (e.g. ``model.args.head=avg``, ``model.args.kprpe_hidden=256``); ``--label`` names such runs.
 
 Run (the current table of docs/face.md; about 30 min of CPU for ``abs``, 40 for ``kprpe``, per seed)::
@@ -94,11 +95,29 @@ def run_variant(pos: str, args: argparse.Namespace, out: Path) -> dict:
         if args.template:
             result[f"{factor}_template"] = evaluate_pairs(
                 model, synthetic_pair_set(split, args.pairs, 0, "template"))["accuracy"]
+    if args.probe:
+        # does the model follow its keypoints? the same images with true / template / shuffled /
+        # displaced keypoints (bench/keypoint_dependence.py), on the sets where only they help
+        probe = _keypoint_probe()
+        names = args.probe_sets.split(",") if args.probe_sets else probe.SETS
+        sets = probe.synthetic_sets(names, args.pairs)
+        result["probe"] = probe.probe_model(model, sets, batch_size=args.batch_size)
     if args.sweep:
         # Fig. 5: from the detection crop to the aligned crop, the path set by the GT keypoints
         start = synthetic_pair_set("unaligned_crop", args.pairs, 0, "ground_truth")
         result["sweep"] = alignment_sweep(model, start, args.sweep)
     return result
+
+
+def _keypoint_probe():
+    """bench/keypoint_dependence.py as a module (bench/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).with_name("keypoint_dependence.py")
+    spec = importlib.util.spec_from_file_location("keypoint_dependence", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def evaluate_protocols(model: torch.nn.Module, args: argparse.Namespace) -> dict:
@@ -248,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
                              "scale; GT keypoints, and template ones with --template)")
     parser.add_argument("--eval-only", action="store_true",
                         help="evaluate the models already trained under --runs (no training)")
+    parser.add_argument("--probe", action="store_true",
+                        help="also run the keypoint-dependence probe (bench/keypoint_dependence.py) "
+                             "and write keypoint_dependence.md / .json under --out")
+    parser.add_argument("--probe-sets", default="", metavar="SPLIT,SPLIT",
+                        help="with --probe: comma-separated synthetic splits to probe (default: "
+                             "the probe's SETS)")
     parser.add_argument("--sweep", type=int, default=0, help="Fig. 5 sweep steps (0: off)")
     parser.add_argument("--out", default="bench_out/face_robustness")
     parser.add_argument("--label", default="",
@@ -274,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {pos}", flush=True)
         result = run_variant(pos, args, runs)
         results.append(result)
-        print(json.dumps({k: v for k, v in result.items() if k != "sweep"}), flush=True)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("sweep", "probe")}),
+              flush=True)
         (out / "face_robustness.json").write_text(json.dumps(
             {"config": vars(args), "results": results}, indent=2) + "\n")
     table = markdown_table(results)
@@ -285,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
 
         write_sweep({r["pos"]: r["sweep"] for r in results}, out / "face_alignment_sweep")
     print(table)
+    if args.probe:
+        print(_keypoint_probe().write_outputs({r["pos"]: r["probe"] for r in results}, out,
+                                              vars(args)))
     return 0
 
 

@@ -112,7 +112,21 @@ _PLACEMENT.update({
                                for i in range(6))
     for name, factor in (("shift", (2, 3)), ("rotate", (1,)), ("scale", (0,)))
 })
-SPLITS = tuple(_PLACEMENT)  # aligned, unaligned, unaligned_shift, unaligned_rotate, unaligned_scale
+# Keypoint-only splits: the face stays centred (no shift, shear or anisotropy; rotation and
+# scale are about the face centre), so a translation-invariant model cannot undo the misalignment
+# and only the keypoints say where the face's parts are. Rotation and scale lie beyond the
+# training range (aligned split + augmentation: scale 0.8-1.2, rotation within ±20°), drawn as
+# bands |ln scale| in (lo, hi) and |angle| in (lo, hi) radians with a random sign. ``_interp``
+# is the paper's Fig. 5 path: every face is moved t ~ U(0, 1) of the way (in log-scale and angle)
+# from the aligned placement to a strong similarity (scale 1.42 or 0.70, ±46°), so its
+# misalignment is exactly what its keypoints measure.
+_BANDS = {
+    "unaligned_centred_rotate": ((0.0, 0.0), (0.45, 0.9)),
+    "unaligned_centred_scale": ((0.25, 0.4), (0.0, 0.0)),
+    "unaligned_centred_interp": ((0.35, 0.35), (0.8, 0.8)),
+}
+_PLACEMENT.update({name: ((1, 1), (0, 0), (0, 0), (0, 0), (0, 0), (0, 0)) for name in _BANDS})
+SPLITS = tuple(_PLACEMENT)  # aligned, unaligned, unaligned_{shift,rotate,scale}, unaligned_centred_*
 _FACE_CENTRE = np.array([56.0, 66.0])  # placement rotates and scales about this point
 
 
@@ -199,6 +213,12 @@ def image_params(
     scale, angle, sx, sy, shear, aniso = (
         ranges[:, 0] + (ranges[:, 1] - ranges[:, 0]) * extra[:, 6:12]
     ).T
+    if split in _BANDS:
+        (ls_lo, ls_hi), (a_lo, a_hi) = _BANDS[split]
+        sign = np.where(extra[:, 13:15] < 0.5, -1.0, 1.0)  # columns 13-15 are unused above
+        t = extra[:, 15] if split.endswith("_interp") else 1.0
+        scale = np.exp(sign[:, 0] * (ls_lo + (ls_hi - ls_lo) * extra[:, 6]) * t)
+        angle = sign[:, 1] * (a_lo + (a_hi - a_lo) * extra[:, 7]) * t
     c, s = np.cos(angle), np.sin(angle)
     rot = np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2) * scale[:, None, None]
     affine = np.stack(
