@@ -190,3 +190,12 @@ def test_face_embeddings_unchanged():
             feats = model(x, k).float() + model(x.flip(-1), mirrored).float()
             want.append(nn.functional.normalize(feats, dim=1))
     torch.testing.assert_close(got, torch.cat(want), rtol=0, atol=1e-6)
+
+
+def test_predict_leaves_the_global_generator_alone():
+    """An evaluation in the middle of a run must not change the run's later random draws (a DataLoader
+    draws its base seed from the global generator)."""
+    model, data = nn.Linear(3, 2), torch.utils.data.TensorDataset(torch.randn(5, 3))
+    state = torch.random.get_rng_state().clone()
+    predict(model, data, batch_size=2, forward=lambda m, b: m(b[0]))
+    assert torch.equal(torch.random.get_rng_state(), state)

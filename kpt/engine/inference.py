@@ -144,7 +144,9 @@ def predict(model: nn.Module, data: Iterable[Any] | Dataset,
 
         show = sys.stderr.isatty() if progress is None else progress
         total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
-        with torch.no_grad():
+        # fork_rng: the DataLoader draws its base seed from the global generator; evaluating in
+        # the middle of a run must not change what the run does afterwards
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
             for batch in tqdm(data, total=total, desc=desc, unit="batch", leave=False,
                               file=sys.stderr, disable=not show, dynamic_ncols=True):
                 with autocast_context(amp, device):
