@@ -6,6 +6,7 @@ No official code is imported; files are read with safetensors or ``torch.load(we
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -21,39 +22,49 @@ class ConversionError(UserError, ValueError):
     """The source file is not an official ViT-KPRPE state dict kpt can convert."""
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``).
+CVLFACE_EXPECTED = "expected the official CVLface model.pt or model.safetensors"
+
+
+def read_state_dict(path: str | Path, expected: str = CVLFACE_EXPECTED,
+                    error: type[Exception] = ConversionError) -> dict[str, Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``; a dict holding
+    it under ``state_dict``, as Lightning checkpoints do, is unwrapped).
 
     Args:
         path: source file.
+        expected: what the file should have been, ending every error message.
+        error: the exception type raised (each converter has its own).
     Returns:
         Flat ``{key: tensor}``.
     Raises:
-        ConversionError: unreadable file or no tensor dict inside (message names the file).
+        error: missing, empty or unreadable file, or no dict of tensors inside (names the file).
     """
     path = Path(path)
     if not path.is_file():
-        raise ConversionError(f"{path}: no such file.")
+        raise error(f"{path}: no such file; {expected}")
+    if path.stat().st_size == 0:
+        raise error(f"{path} is empty (0 bytes): its write never completed; {expected}")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error type for a bad header
-            raise ConversionError(f"{path}: not a readable .safetensors file ({exc}); expected the "
-                                  f"official CVLface model.safetensors") from exc
+            raise error(f"{path}: not a readable .safetensors file ({exc}); {expected}") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for foreign / unsafe pickles
-        raise ConversionError(
-            f"{path}: not a PyTorch checkpoint torch.load(weights_only=True) can read "
-            f"({type(exc).__name__}: {exc}); expected the official CVLface model.pt or "
-            f"model.safetensors"
-        ) from exc
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f" (it holds {found[1]}, which kpt refuses to unpickle)" if found else ""
+        raise error(
+            f"{path}: not a PyTorch checkpoint torch.load(weights_only=True) can read{what} "
+            f"({type(exc).__name__}); {expected}; re-save just the tensors, e.g. "
+            f"torch.save(ckpt['state_dict'], 'weights.pt')") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ConversionError(
-            f"{path}: expected a dict of tensors (a state dict), got {type(obj)}."
-        )
+    if not isinstance(obj, dict) or not obj:
+        raise error(f"{path} holds a {type(obj).__name__}, not a state dict; {expected}")
+    others = [k for k, v in obj.items() if not isinstance(v, Tensor)][:5]
+    if others:
+        raise error(f"{path}: entries {others} are not tensors; {expected}")
     return obj
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from kpt.convert import read_state_dict
 from kpt.errors import UserError
 
 from .iresnet import LAYERS, IResNet, iresnet18, iresnet50, iresnet100
@@ -61,39 +62,7 @@ def read_state_file(path: str | Path) -> dict[str, Tensor]:
     Raises:
         IResNetWeightsError: unreadable, or no dict of tensors inside (names the file).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise IResNetWeightsError(f"{path}: no such file; {_EXPECTED}")
-    if path.stat().st_size == 0:
-        raise IResNetWeightsError(f"{path} is empty (0 bytes): its write never completed; "
-                                  f"{_EXPECTED}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # safetensors has its own error type for a bad header
-            raise IResNetWeightsError(f"{path}: not a readable .safetensors file ({exc}); "
-                                      f"{_EXPECTED}") from exc
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for foreign or unsafe pickles
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        what = f" (it holds {found[1]}, which kpt refuses to unpickle)" if found else ""
-        raise IResNetWeightsError(
-            f"{path}: torch.load(weights_only=True) cannot read it{what}: {type(exc).__name__}; "
-            f"{_EXPECTED}; re-save just the tensors, e.g. torch.save(ckpt['state_dict'], "
-            f"'weights.pt')") from exc
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj:
-        raise IResNetWeightsError(f"{path} holds a {type(obj).__name__}, not a state dict; "
-                                  f"{_EXPECTED}")
-    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-    if len(tensors) != len(obj):
-        others = [k for k in obj if k not in tensors][:5]
-        raise IResNetWeightsError(f"{path}: entries {others} are not tensors; {_EXPECTED}")
-    return tensors
+    return read_state_dict(path, expected=_EXPECTED, error=IResNetWeightsError)
 
 
 def _under(state: dict[str, Tensor], prefixes: tuple[str, ...], probe: str
