@@ -95,3 +95,31 @@ def test_repeated_augmentation_replaces_with_same_identity():
     assert sorted(i for b in plain for i in b) == list(range(200))
     again = RepeatedAugmentSampler(labels, batch_size=20, seed=1, prob=0.3)
     assert list(again) == list(RepeatedAugmentSampler(labels, 20, seed=1, prob=0.3))
+
+
+def test_keypoint_jitter_moves_each_point_within_bound_and_leaves_image():
+    template = torch.as_tensor(ARCFACE_TEMPLATE_112 / 112, dtype=torch.float32)
+    items = [{"image": torch.full((3, 112, 112), 128, dtype=torch.uint8), "keypoints": template,
+              "label": torch.tensor(i)} for i in range(64)]
+    no_geometry = FaceAugment(scale_min=1.0, scale_max=1.0, rot_prob=0.0, hflip_prob=0.0,
+                              extra_offset=0.0)
+    torch.manual_seed(0)
+    plain = FaceCollate(no_geometry)(items)
+    torch.manual_seed(0)
+    jittered = FaceCollate(no_geometry, keypoint_jitter=4.0)(items)
+    torch.testing.assert_close(jittered["image"], plain["image"])
+    moved = (jittered["keypoints"] - plain["keypoints"]) * 112  # pixels
+    assert float(moved.abs().max()) <= 4.0 + 1e-4
+    assert float(moved.abs().max()) > 3.0  # uses the range (64×5×2 draws)
+    # every point draws its own offset: the five points of one face do not move together
+    assert float((moved - moved.mean(dim=1, keepdim=True)).abs().max()) > 1.0
+    # evaluation (no augmentation) never jitters
+    evaluation = FaceCollate(None, keypoint_jitter=4.0)(items)
+    torch.testing.assert_close(evaluation["keypoints"], template.expand(64, 5, 2))
+
+
+def test_negative_keypoint_jitter_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="keypoint_jitter"):
+        FaceCollate(None, keypoint_jitter=-1.0)

@@ -356,3 +356,18 @@ def test_core_eval_routes_other_files_to_plugin_load_weights(tmp_path, monkeypat
     declined.write_bytes(b"x")
     assert main(["eval", "tiny", str(declined)]) == 2  # the hook declines: kpt's error again
     assert "not a kpt weights file" in capsys.readouterr().err
+
+
+def test_embed_face_passes_input_normalisation_to_onnx(tiny, tmp_path, capsys):
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    Image.fromarray(skimage_data.astronaut()).save(tmp_path / "a.png")
+    args = ["embed", "face", str(tmp_path / "a.png"), "--weights", str(tiny[1] / "plain.onnx")]
+    assert main([*args, "--out", str(tmp_path / "default.npz")]) == 0
+    assert main([*args, "--out", str(tmp_path / "raw.npz"), "--input-mean", "0",
+                 "--input-std", "1"]) == 0
+    capsys.readouterr()
+    default = np.load(tmp_path / "default.npz")["embeddings"]
+    raw = np.load(tmp_path / "raw.npz")["embeddings"]
+    assert default.shape == raw.shape and not np.allclose(default, raw, atol=1e-4)

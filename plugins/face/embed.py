@@ -137,13 +137,17 @@ def embed_main(argv: list[str]) -> int:
     parser.add_argument("--top", type=int, default=5, help="matches printed per input (--gallery)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="print the ranking as JSON")
+    parser.add_argument("--input-mean", type=float, default=127.5,
+                        help="ONNX recognisers: fed (pixels - mean) / std, RGB 0-255 "
+                             "(insightface 127.5 / 127.5; raw pixels 0 / 1)")
+    parser.add_argument("--input-std", type=float, default=127.5, help="see --input-mean")
     args = parser.parse_args(argv)
     if args.out is None and args.gallery is None:
         parser.error("give --out FILE (embeddings) and/or --gallery DIR (1:N ranking)")
     from .evaluation.verification import get_detector
 
     weights = find_weights(args.weights)
-    backbone = load_face_backbone(weights, args.device)
+    backbone = load_face_backbone(weights, args.device, args.input_mean, args.input_std)
     detector = get_detector().to(args.device)
     embs, names, scores, missed = embed_images(backbone, detector, image_paths(args.images),
                                                args.device)

