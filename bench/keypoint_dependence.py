@@ -25,6 +25,11 @@ Run (any run folder or weights file; writes ``keypoint_dependence.json`` / ``.md
 
     python bench/keypoint_dependence.py RUN [RUN ...] --out bench_out/kpdep --pairs 400
 
+Seed means of several ``bench/face_robustness.py --probe`` outputs, with margins paired by seed::
+
+    python bench/keypoint_dependence.py --combine OUT_S0 OUT_S1 ... --out bench_out/kpdep_seeds \
+        --versus kprpe-wide:rpe-wide
+
 Everything is synthetic: the numbers compare models, they are not face-benchmark results.
 """
 
@@ -219,9 +224,103 @@ def run_label(path: str) -> str:
     return p.parent.name if p.is_file() and p.stem in ("weights", "last", "best") else p.name
 
 
+KEYPOINT_ONLY = ("unaligned_centred_rotate", "unaligned_centred_scale", "unaligned_centred_interp")
+
+
+def run_name(config: dict, pos: str) -> str:
+    """Row name of a bench result: ``pos`` + ``--label``, without repeating an encoding the label
+    already names (``--label=-kprpe-wide`` on ``kprpe`` is ``kprpe-wide``)."""
+    label = str(config.get("label", ""))
+    base = pos[: len(pos) - len(label)] if label and pos.endswith(label) else pos
+    return label[1:] if label.startswith(f"-{base}") else base + label
+
+
+def collect(dirs: Sequence[Path]) -> dict[str, dict[int, dict]]:
+    """name → seed → result, from the ``face_robustness.json`` of bench runs made with ``--probe``."""
+    groups: dict[str, dict[int, dict]] = {}
+    for folder in dirs:
+        path = Path(folder) / "face_robustness.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no bench output here (bench/face_robustness.py "
+                                    f"--probe --out {folder})")
+        data = json.loads(path.read_text())
+        seed = int(data["config"]["seed"])
+        for result in data["results"]:
+            if "probe" not in result:
+                raise ValueError(f"{path}: {result['pos']!r} has no probe (run the bench with --probe)")
+            name = run_name(data["config"], result["pos"])
+            if seed in groups.setdefault(name, {}):
+                raise ValueError(f"{path}: {name!r} seed {seed} is already in another folder")
+            groups[name][seed] = result
+    return groups
+
+
+def _cell(values: Sequence[float], fmt: str = "{:.1f}") -> str:
+    """Mean, with the range over seeds when there are several."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    if len(v) == 1:
+        return fmt.format(v[0])
+    return f"{fmt.format(v.mean())} ({fmt.format(v.min())} to {fmt.format(v.max())})"
+
+
+def seed_summary(groups: dict[str, dict[int, dict]], versus: Sequence[tuple[str, str]] = (),
+                 sets: Sequence[str] = KEYPOINT_ONLY) -> str:
+    """Markdown: per model, seed means (range) of accuracy with its true keypoints, the keypoint
+    gain ``true − template`` (points) and the template drift on the keypoint-only sets; then, for
+    every ``(model, baseline)`` in ``versus``, the margin paired by seed and the seed spread of
+    both, so a margin can be read against the noise."""
+    import numpy as np
+
+    head = ["model", "seeds", "aligned", "unaligned (RetinaFace kp)"]
+    for name in sets:
+        short = name.removeprefix("unaligned_")
+        head += [f"{short}: true kp", f"{short}: true − template", f"{short}: drift (template)"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for model, by_seed in groups.items():
+        runs = [by_seed[s] for s in sorted(by_seed)]
+        cells = [f"`{model}`", ", ".join(map(str, sorted(by_seed))),
+                 _cell([100 * r["aligned"] for r in runs]),
+                 _cell([100 * r["unaligned_retinaface"] for r in runs])]
+        for name in sets:
+            acc = [r["probe"]["accuracy"][name] for r in runs]
+            cells += [_cell([100 * a["true"] for a in acc]),
+                      _cell([100 * (a["true"] - a["template"]) for a in acc], "{:+.1f}"),
+                      _cell([r["probe"]["drift"][name]["template"] for r in runs], "{:.1e}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if versus:
+        lines += ["", ("Margin on the keypoint-only sets (true keypoints, points, paired by seed; "
+                  "spread = the larger max − min over seeds of the two models):"), "",
+                  "| model | baseline | " + " | ".join(f"{n.removeprefix('unaligned_')}: margin "
+                                                       "per seed / mean / spread" for n in sets)
+                  + " |", "|---" * (len(sets) + 2) + "|"]
+        for model, base in versus:
+            missing = [m for m in (model, base) if m not in groups]
+            if missing:
+                raise ValueError(f"--versus {model}:{base}: no results for {missing}; "
+                                 f"have {list(groups)}")
+            seeds = sorted(set(groups[model]) & set(groups[base]))
+            cells = []
+            for name in sets:
+                a = np.array([100 * groups[model][s]["probe"]["accuracy"][name]["true"] for s in seeds])
+                b = np.array([100 * groups[base][s]["probe"]["accuracy"][name]["true"] for s in seeds])
+                spread = max(np.ptp(a), np.ptp(b)) if len(seeds) > 1 else float("nan")
+                per_seed = ", ".join(f"{d:+.1f}" for d in a - b)
+                cells.append(f"{per_seed} / **{(a - b).mean():+.1f}** / {spread:.1f}")
+            lines.append(f"| `{model}` | `{base}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders or weights files")
+    parser.add_argument("runs", nargs="*", metavar="RUN", help="run folders or weights files")
+    parser.add_argument("--combine", nargs="+", default=[], metavar="DIR",
+                        help="no evaluation: pool the probes of bench/face_robustness.py --probe "
+                             "outputs (one per seed) into seed means, written to "
+                             "<out>/keypoint_dependence_seeds.md")
+    parser.add_argument("--versus", nargs="+", default=[], metavar="MODEL:BASELINE",
+                        help="with --combine: margins of MODEL over BASELINE, paired by seed")
     parser.add_argument("--out", default="bench_out/keypoint_dependence")
     parser.add_argument("--pairs", type=int, default=400, help="pairs per set")
     parser.add_argument("--sets", nargs="+", default=list(SETS), help="synthetic splits to probe")
@@ -235,6 +334,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.combine:
+        pairs = [tuple(v.split(":", 1)) for v in args.versus]
+        if any(len(p) != 2 for p in pairs):
+            parser.error(f"--versus takes MODEL:BASELINE, got {args.versus}")
+        text = seed_summary(collect([Path(d) for d in args.combine]), pairs)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "keypoint_dependence_seeds.md").write_text(text + "\n")
+        print(text)
+        return 0
+    if not args.runs:
+        parser.error("give RUN folders / weights files to probe, or --combine DIR ...")
     import kpt
 
     torch.set_num_threads(args.threads)

@@ -213,3 +213,35 @@ def test_the_command_probes_weights_files_and_keeps_same_named_runs_apart(probe,
                        "--shifts", "4", "--rotate", "0", "--scale", "1"]) == 0
     saved = json.loads((out / "keypoint_dependence.json").read_text())["results"]
     assert list(saved) == ["run", runs[1]]
+
+
+def _bench_output(folder: Path, seed: int, pos: str, label: str, true: float, template: float):
+    probe = {"accuracy": {s: {"true": true, "template": template} for s in CENTRED},
+             "drift": {s: {"true": 0.0, "template": 1e-3} for s in CENTRED}}
+    result = {"pos": pos + label, "aligned": 0.9, "unaligned_retinaface": 0.6, "probe": probe}
+    folder.mkdir(parents=True)
+    (folder / "face_robustness.json").write_text(json.dumps(
+        {"config": {"seed": seed, "label": label}, "results": [result]}))
+    return folder
+
+
+def test_combine_pools_seeds_and_pairs_margins(tmp_path):
+    probe = _load_probe()
+    dirs = [_bench_output(tmp_path / "k0", 0, "kprpe", "-kprpe-wide", 0.80, 0.70),
+            _bench_output(tmp_path / "k1", 1, "kprpe", "-kprpe-wide", 0.90, 0.70),
+            _bench_output(tmp_path / "r0", 0, "rpe", "-wide", 0.75, 0.75),
+            _bench_output(tmp_path / "r1", 1, "rpe", "-wide", 0.80, 0.80)]
+    groups = probe.collect(dirs)
+    assert sorted(groups) == ["kprpe-wide", "rpe-wide"]  # the label's encoding is not repeated
+    text = probe.seed_summary(groups, [("kprpe-wide", "rpe-wide")])
+    row = next(line for line in text.splitlines() if line.startswith("| `kprpe-wide` | 0, 1"))
+    assert "85.0 (80.0 to 90.0)" in row and "+15.0 (+10.0 to +20.0)" in row
+    # margins per seed +5 and +10, mean +7.5; spread = kprpe's 10-point range
+    assert "+5.0, +10.0 / **+7.5** / 10.0" in text
+    assert probe.main(["--combine", *map(str, dirs), "--out", str(tmp_path / "o"),
+                       "--versus", "kprpe-wide:rpe-wide"]) == 0
+    assert "**+7.5**" in (tmp_path / "o" / "keypoint_dependence_seeds.md").read_text()
+    with pytest.raises(ValueError, match="seed 0 is already"):
+        probe.collect([dirs[0], dirs[0]])
+    with pytest.raises(ValueError, match="no results for"):
+        probe.seed_summary(groups, [("kprpe-wide", "abs")])
