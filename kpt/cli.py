@@ -457,7 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if debug or not isinstance(exc, _user_errors()):
             raise
-        print(f"kpt: error: {exc}", file=sys.stderr)
+        # under torchrun every rank meets the same bad input: one message, from rank 0
+        if os.environ.get("RANK", "0") == "0":
+            print(f"kpt: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         # a training run stopped by a signal saved last.pt first (TrainingInterrupted carries it)

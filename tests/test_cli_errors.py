@@ -200,3 +200,13 @@ def test_predict_face_refuses_a_non_image(tmp_path):
     path.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 20)  # a JPEG header and nothing else
     with pytest.raises(DataError, match="photo.jpg"):
         _read_image(path)
+
+
+def test_user_error_is_printed_by_rank_zero_only(monkeypatch, capsys):
+    # torchrun: every rank meets the same bad input; one message, every rank exits 2
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "mnist", "--print-config", "model.pos=kprp"]) == 2
+    assert "kpt: error:" not in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "mnist", "--print-config", "model.pos=kprp"]) == 2
+    assert "model.pos='kprp'" in one_error_line(capsys)
