@@ -15,8 +15,9 @@ ground-truth landmarks (the same protocol without detector noise), and the unali
 square around RetinaFace's box (the detection crop, where Fig. 5 starts). Writes a JSON, a markdown table
 and a PNG bar chart; ``--sweep N`` adds the Fig. 5 alignment sweep (CSV + PNG); ``--factors`` adds
 one-factor unaligned sets (shift only, rotation only, scale only, GT keypoints) to see which
-misalignment costs accuracy; ``--probe`` adds the keypoint-dependence probe
-(``bench/keypoint_dependence.py``: true vs template, shuffled and displaced keypoints). Extra ``key=value`` overrides reach the config of every variant
+misalignment costs accuracy; every model also gets the keypoint-dependence probe
+(``bench/keypoint_dependence.py``: true vs template, shuffled and displaced keypoints; ``--no-probe``
+skips it). Extra ``key=value`` overrides reach the config of every variant
 (e.g. ``model.args.head=avg``, ``model.args.kprpe_hidden=256``); ``--label`` names such runs.
 
 Run (the current table of docs/face.md; about 30 min of CPU for ``abs``, 40 for ``kprpe``, per seed)::
@@ -267,9 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                              "scale; GT keypoints, and template ones with --template)")
     parser.add_argument("--eval-only", action="store_true",
                         help="evaluate the models already trained under --runs (no training)")
-    parser.add_argument("--probe", action="store_true",
-                        help="also run the keypoint-dependence probe (bench/keypoint_dependence.py) "
-                             "and write keypoint_dependence.md / .json under --out")
+    parser.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the keypoint-dependence probe (bench/keypoint_dependence.py) on "
+                             "every model and write keypoint_dependence.md / .json under --out "
+                             "(default: on; --no-probe skips it)")
     parser.add_argument("--probe-sets", default="", metavar="SPLIT,SPLIT",
                         help="with --probe: comma-separated synthetic splits to probe (default: "
                              "the probe's SETS)")

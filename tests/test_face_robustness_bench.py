@@ -27,8 +27,11 @@ def test_eval_only_reproduces_the_training_run_and_adds_the_keypoint_controls(tm
             "eval.batch_size=20"]
     assert bench.main([*tiny, "--out", str(tmp_path / "train")]) == 0
     trained = json.loads((tmp_path / "train" / "face_robustness.json").read_text())["results"][0]
+    # the keypoint probe runs on every model unless --no-probe
+    assert set(trained["probe"]["accuracy"]["unaligned_centred_rotate"]) >= {"true", "template"}
+    assert (tmp_path / "train" / "keypoint_dependence.md").is_file()
     assert bench.main([*tiny, "--out", str(tmp_path / "eval"), "--eval-only", "--template",
-                       "--factors"]) == 0
+                       "--factors", "--no-probe"]) == 0
     again = json.loads((tmp_path / "eval" / "face_robustness.json").read_text())["results"][0]
     for key in ("aligned", "unaligned_retinaface", "unaligned_crop"):
         assert again[key] == pytest.approx(trained[key], abs=1e-9), key
