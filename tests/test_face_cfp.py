@@ -274,3 +274,33 @@ def test_plugin_evaluate_runs_cfp_fp_unaligned(cfp, monkeypatch, tmp_path):
     assert 0.0 <= metrics["cfp_fp_unaligned/accuracy"] <= 100.0
     assert metrics["cfp_fp_unaligned/faces_not_found"] == 0
     assert "CFP-FP unaligned" in (tmp_path / "row.md").read_text()
+
+
+@pytest.mark.parametrize("flip_keypoints", ["detect", "mirror"])
+def test_flip_view_keypoints_are_detected_on_the_mirror_or_mirrored(cfp, flip_keypoints):
+    from kpt.data.keypoints import hflip_keypoints
+    from kpt_plugins.face.data.augment import FLIP_PERMUTATION
+
+    seen_by_detector: list[torch.Tensor] = []
+    base = stub_detector()
+
+    def detector(images):
+        seen_by_detector.append(images.clone())
+        return base(images)
+
+    stub = ColourStub()
+    res = evaluate_cfp(stub, cfp, size=32, detector=detector, flip_keypoints=flip_keypoints)
+    assert res["faces_not_found"] == 0
+    detected = torch.as_tensor(ARCFACE_TEMPLATE_112 / 112, dtype=torch.float32) + 0.01
+    original, flipped = stub.seen[0], stub.seen[1]  # first batch: original view, then the flip
+    assert torch.allclose(original[0], detected)
+    if flip_keypoints == "detect":
+        # the detector ran on the mirrored batch too, and its answer went to the flip view
+        assert len(seen_by_detector) == 2
+        assert torch.equal(seen_by_detector[1], seen_by_detector[0].flip(-1))
+        assert torch.allclose(flipped[0], detected)
+    else:
+        assert len(seen_by_detector) == 1
+        assert torch.allclose(flipped[0], hflip_keypoints(detected[None], FLIP_PERMUTATION)[0])
+    with pytest.raises(ValueError, match="detect or mirror"):
+        evaluate_cfp(ColourStub(), cfp, size=32, detector=detector, flip_keypoints="rerun")

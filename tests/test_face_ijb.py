@@ -302,3 +302,25 @@ def test_plugin_evaluate_runs_the_board_with_a_kpt_model(ijb, tmp_path):
     text = out.with_suffix(".md").read_text()
     assert "| tiny |" in text and "lfw" in text and "ijbb" in text and "tinyface" in text
     assert len(list((tmp_path / "cache").rglob("chunk_*.npy"))) == 2  # aligned + unaligned
+
+
+def test_unaligned_retinaface_detects_on_the_mirror_and_keeps_caches_apart(ijb, tmp_path):
+    _, root, fixture = ijb
+    calls: list[torch.Tensor] = []
+
+    def detector(images):
+        calls.append(images.clone())
+        return torch.as_tensor(ARCFACE_TEMPLATE_112 / 112, dtype=torch.float32).expand(
+            len(images), -1, -1).clone()
+
+    common = dict(aligned=False, batch_size=len(LAYOUT), keypoints="retinaface", detector=detector)
+    evaluate_ijb(Stub(fixture["table"]), root, "ijbc", flip_keypoints="mirror", **common)
+    assert len(calls) == 1
+    calls.clear()
+    cache = tmp_path / "cache"
+    evaluate_ijb(Stub(fixture["table"]), root, "ijbc", cache_dir=cache, **common)  # detect
+    assert len(calls) == 2 and torch.equal(calls[1], calls[0].flip(-1))
+    assert '"flip_keypoints": "detect"' in (cache / "meta.json").read_text()
+    with pytest.raises(UserError, match="other features"):  # mirrored flips never mix in
+        evaluate_ijb(Stub(fixture["table"]), root, "ijbc", cache_dir=cache,
+                     flip_keypoints="mirror", **common)

@@ -124,7 +124,7 @@ def run_board_sets(embedder: Any, names: list[str], roots: list[str], *, size: i
                    workers: int = 0, unaligned_keypoints: str = "provided",
                    tinyface_keypoints: str = "template", detector: Any = None,
                    crop_detector: Any = None, cfp_resize: str = "stretch",
-                   cfp_detector: Any = None) -> dict[str, float]:
+                   cfp_detector: Any = None, flip_keypoints: str = "detect") -> dict[str, float]:
     """Metrics of the IJB / TinyFace protocols ``names`` (see :data:`BOARD_TESTS`).
 
     Args:
@@ -137,6 +137,9 @@ def run_board_sets(embedder: Any, names: list[str], roots: list[str], *, size: i
         cfp_resize: ``stretch`` | ``pad``, the unaligned CFP-FP resize rule (see :mod:`.cfp`).
         cfp_detector: ``(B, 3, H, W) uint8 -> ((B, 5, 2), (B,) found)`` for CFP-FP (None:
             RetinaFace).
+        flip_keypoints: where keypoints are detected (unaligned IJB with ``retinaface``, TinyFace
+            with ``retinaface``, unaligned CFP-FP): ``detect`` also runs the detector on the
+            mirrored image for flip fusion (CVLface reruns its aligner) or ``mirror``.
 
     Returns:
         ``ijbc/tar@far=1e-4`` …, ``ijbc_unaligned/…``, ``tinyface/rank1`` …,
@@ -149,7 +152,7 @@ def run_board_sets(embedder: Any, names: list[str], roots: list[str], *, size: i
         if name == "cfp_fp_unaligned":
             res = evaluate_cfp(embedder, find_cfp_root(roots), size=size, resize=cfp_resize,
                                flip=flip, detector=cfp_detector, batch_size=batch_size,
-                               workers=workers)
+                               workers=workers, flip_keypoints=flip_keypoints)
         elif name == "tinyface":
             root = find_tinyface_root(roots)
             kp_fn = crop_detector if tinyface_keypoints == "retinaface" else None
@@ -157,7 +160,8 @@ def run_board_sets(embedder: Any, names: list[str], roots: list[str], *, size: i
                 cache_root, key, f"tinyface-{variant}-{tinyface_keypoints}")
             res = evaluate_tinyface(embedder, root, size=size, flip=flip, keypoint_fn=kp_fn,
                                     cache_dir=cache, chunk_size=chunk_size,
-                                    batch_size=batch_size, workers=workers)
+                                    batch_size=batch_size, workers=workers,
+                                    flip_keypoints=flip_keypoints)
         else:
             target = _target(name)
             aligned = not name.endswith("_unaligned")
@@ -167,7 +171,8 @@ def run_board_sets(embedder: Any, names: list[str], roots: list[str], *, size: i
             res = evaluate_ijb(embedder, find_ijb_root(roots, target), target, size=size,
                                aligned=aligned, flip=flip, keep_norm=keep_norm, faceness=faceness,
                                cache_dir=cache, chunk_size=chunk_size, batch_size=batch_size,
-                               workers=workers, keypoints=kp, detector=detector)
+                               workers=workers, keypoints=kp, detector=detector,
+                               flip_keypoints=flip_keypoints)
         metrics.update({f"{name}/{k}": float(v) for k, v in res.items()})
         logger.info("%s: %s", name, ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
     return metrics
@@ -241,7 +246,8 @@ def board_metrics(model: Any, cfg: Config, device: Any, metrics: dict[str, float
                          chunk_size=e.cache_chunk, batch_size=e.batch_size, workers=e.workers,
                          unaligned_keypoints=e.ijb_unaligned_keypoints,
                          tinyface_keypoints=e.tinyface_keypoints, detector=detector,
-                         crop_detector=crop_detector, cfp_resize=e.cfp_resize)
+                         crop_detector=crop_detector, cfp_resize=e.cfp_resize,
+                         flip_keypoints=e.bin_flip_keypoints)
     if "full" in e.test or e.board_out:
         found_bins = find_bins(roots)
         missing = [n for n in BOARD_BINS if n not in found_bins] + missing

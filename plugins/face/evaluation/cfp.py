@@ -27,8 +27,9 @@ Protocols:
   five points warped onto the ArcFace template (similarity, black border), the template as the
   keypoints.
 
-Embedding as insightface's 1:1 sets: ``l2n(f(x, k) + f(flip x, k_flip))`` (``k_flip`` the mirrored
-keypoints), accuracy over the ten folds (:func:`kpt.metrics.verification`) in percent.
+Embedding as insightface's 1:1 sets: ``l2n(f(x, k) + f(flip x, k_flip))`` (``k_flip``: the
+detector rerun on the mirrored image in the unaligned protocol, as CVLface reruns its aligner;
+``flip_keypoints="mirror"`` mirrors the points instead), accuracy over the ten folds (:func:`kpt.metrics.verification`) in percent.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from kpt.errors import DataError
 from kpt.metrics import verification
 
 from ..align import ARCFACE_TEMPLATE_112, arcface_template, umeyama_similarity
-from .features import extract_features
+from .features import extract_features, flip_detector
 
 __all__ = ["CFPImages", "CFPProtocol", "cfp_layout_problems", "evaluate_cfp", "find_cfp_root"]
 
@@ -313,8 +314,8 @@ def detect_landmarks(dataset: CFPImages, detector: Detector, detect_size: int = 
 
 def evaluate_cfp(embedder: Any, root: str | Path, *, size: int = 112, aligned: bool = False,
                  resize: str = "stretch", flip: bool = True, detector: Detector | None = None,
-                 batch_size: int = 64, workers: int = 0, detect_size: int = 320
-                 ) -> dict[str, float]:
+                 batch_size: int = 64, workers: int = 0, detect_size: int = 320,
+                 flip_keypoints: str = "detect") -> dict[str, float]:
     """CFP-FP accuracy on the raw CFP images over the ten official splits.
 
     Args:
@@ -326,6 +327,8 @@ def evaluate_cfp(embedder: Any, root: str | Path, *, size: int = 112, aligned: b
         resize: ``stretch`` or ``pad`` (unaligned protocol).
         detector: keypoint source (default RetinaFace MobileNet-0.25,
             :func:`.verification.detect_keypoints`).
+        flip_keypoints: unaligned protocol: ``detect`` (the detector also runs on the mirrored
+            image, as CVLface reruns its aligner on the flip) or ``mirror`` (mirror the points).
 
     Returns:
         ``accuracy``, ``accuracy_std`` (percent), ``threshold``, ``pairs``, ``images`` and
@@ -343,7 +346,7 @@ def evaluate_cfp(embedder: Any, root: str | Path, *, size: int = 112, aligned: b
         landmarks, found = detect_landmarks(plain, detector, detect_size, batch_size)
         not_found = int((~found).sum())
         dataset = CFPImages(protocol, size, landmarks=landmarks)
-        keypoint_fn = None
+        keypoint_fn = flip_fn = None
     else:
         dataset = CFPImages(protocol, size, resize)
 
@@ -353,12 +356,17 @@ def evaluate_cfp(embedder: Any, root: str | Path, *, size: int = 112, aligned: b
             not_found += int((~ok.bool()).sum())
             return kp
 
+        def flip_keypoint_fn(images: Tensor) -> Tensor:
+            return detector(images)[0]  # misses are counted once, on the original images
+
+        flip_fn = flip_detector(flip_keypoint_fn, flip_keypoints, {})
+
     logger.info("cfp_fp (%s): %d images, %d pairs, %d splits", "aligned" if aligned
                 else f"unaligned, {resize}", len(dataset), len(protocol),
                 np.unique(protocol.fold).size)
     # no feature cache: 7000 images take minutes, and the detector's misses are counted here
     raw = extract_features(embedder, dataset, None, flip=flip, batch_size=batch_size,
-                           workers=workers, keypoint_fn=keypoint_fn)
+                           workers=workers, keypoint_fn=keypoint_fn, flip_keypoint_fn=flip_fn)
     feats = torch.from_numpy(raw.sum(axis=1))  # f(x) + f(flip x) (one view without flip)
     emb = torch.nn.functional.normalize(feats.double(), dim=1).numpy()
     res = verification(emb[protocol.first], emb[protocol.second], protocol.issame,

@@ -100,11 +100,26 @@ def _collate(items: list[dict]) -> dict[str, Tensor]:
             "keypoints": torch.stack([torch.as_tensor(i["keypoints"]).float() for i in items])}
 
 
+def flip_detector(keypoint_fn: Callable[[Tensor], Tensor] | None, flip_keypoints: str,
+                  describe: dict[str, Any]) -> Callable[[Tensor], Tensor] | None:
+    """The ``flip_keypoint_fn`` of :func:`extract_features` for a set whose keypoints come from
+    ``keypoint_fn`` (a detector): itself for ``detect``, None (mirror) for ``mirror`` or when the
+    keypoints are fixed. ``detect`` is recorded in ``describe`` so that a feature cache made
+    with mirrored flip keypoints is not mixed with it (older caches stay valid for ``mirror``)."""
+    if flip_keypoints not in ("detect", "mirror"):
+        raise ValueError(f"flip keypoints must be detect or mirror, got {flip_keypoints!r}")
+    if keypoint_fn is None or flip_keypoints == "mirror":
+        return None
+    describe["flip_keypoints"] = "detect"
+    return keypoint_fn
+
+
 def extract_features(embedder: Embedder | Callable[[Tensor, Tensor], Tensor], dataset: Dataset,
                      cache_dir: str | Path | None = None, *, flip: bool = True,
                      chunk_size: int = 8192, batch_size: int = 64, workers: int = 0,
                      describe: dict[str, Any] | None = None,
-                     keypoint_fn: Callable[[Tensor], Tensor] | None = None) -> np.ndarray:
+                     keypoint_fn: Callable[[Tensor], Tensor] | None = None,
+                     flip_keypoint_fn: Callable[[Tensor], Tensor] | None = None) -> np.ndarray:
     """Raw features of every dataset item (original and mirrored), cached in chunks.
 
     Args:
@@ -119,6 +134,9 @@ def extract_features(embedder: Embedder | Callable[[Tensor, Tensor], Tensor], da
             a cache whose description differs is an error rather than silently mixed.
         keypoint_fn: replaces the items' keypoints, ``(B, 3, H, W) uint8 -> (B, 5, 2)`` (a
             detector on the images the recogniser sees).
+        flip_keypoint_fn: keypoints of the mirrored images, ``(B, 3, H, W) uint8 -> (B, 5, 2)``
+            called on the mirrored batch (CVLface reruns its aligner on the flip, kprpe.md §7);
+            None: the keypoints mirrored (left/right points swapped).
 
     Returns:
         (N, V, D) float32, V = 2 (original, mirrored) with ``flip``, else 1.
@@ -161,8 +179,10 @@ def extract_features(embedder: Embedder | Callable[[Tensor, Tensor], Tensor], da
                 keypoints = keypoint_fn(images).float()
             views = [embedder(images, keypoints).float()]
             if flip:
-                views.append(embedder(images.flip(-1),
-                                      hflip_keypoints(keypoints, FLIP_PERMUTATION)).float())
+                mirrored = images.flip(-1)
+                flip_kp = (flip_keypoint_fn(mirrored).float() if flip_keypoint_fn is not None
+                           else hflip_keypoints(keypoints, FLIP_PERMUTATION))
+                views.append(embedder(mirrored, flip_kp).float())
             parts.append(torch.stack(views, dim=1).cpu().numpy())
         feats = np.concatenate(parts).astype(np.float32)
         if path is not None:

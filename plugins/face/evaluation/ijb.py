@@ -39,7 +39,7 @@ from kpt.errors import DataError
 from kpt.metrics import tar_at_far
 
 from ..align import arcface_template, transform_points, umeyama_similarity
-from .features import extract_features
+from .features import extract_features, flip_detector
 
 __all__ = [
     "IJB_TARGETS",
@@ -300,7 +300,8 @@ def evaluate_ijb(embedder: Any, root: str | Path, target: str, *, size: int = 11
                  aligned: bool = True, flip: bool = True, keep_norm: bool = True,
                  faceness: bool = True, cache_dir: str | Path | None = None,
                  chunk_size: int = 8192, batch_size: int = 64, workers: int = 0,
-                 keypoints: str = "provided", detector: Any = None) -> dict[str, float]:
+                 keypoints: str = "provided", detector: Any = None,
+                 flip_keypoints: str = "detect") -> dict[str, float]:
     """TAR@FAR of one IJB set.
 
     Args:
@@ -313,6 +314,8 @@ def evaluate_ijb(embedder: Any, root: str | Path, target: str, *, size: int = 11
         keypoints: ``provided`` (the meta file's points) or ``retinaface`` (``detector`` on the
             images the recogniser sees; unaligned protocol).
         detector: ``(B, 3, H, W) uint8 -> (B, 5, 2)`` normalised keypoints for ``retinaface``.
+        flip_keypoints: with ``retinaface``: ``detect`` (the detector also runs on the mirrored
+            image, as CVLface's IJB evaluator reruns its aligner) or ``mirror``.
 
     Returns:
         ``{"tar@far=1e-6": ..., ..., "tar@far=1e-1": ...}`` in percent, plus ``templates`` and
@@ -327,12 +330,13 @@ def evaluate_ijb(embedder: Any, root: str | Path, target: str, *, size: int = 11
         raise ValueError("IJB keypoints=retinaface needs a detector")
     describe = {"set": target, "images": protocol.names[0] + ".." + protocol.names[-1],
                 "aligned": aligned, "size": int(size), "keypoints": keypoints}
+    flip_fn = flip_detector(keypoint_fn, flip_keypoints, describe)
     logger.info("%s (%s): %d images, %d templates, %d pairs", target,
                 "aligned" if aligned else "unaligned", len(protocol),
                 len(np.unique(protocol.templates)), len(protocol.pair_labels))
     raw = extract_features(embedder, dataset, cache_dir, flip=flip, chunk_size=chunk_size,
                            batch_size=batch_size, workers=workers, describe=describe,
-                           keypoint_fn=keypoint_fn)
+                           keypoint_fn=keypoint_fn, flip_keypoint_fn=flip_fn)
     feats = image_features(raw, protocol.faceness, flip, keep_norm, faceness)
     unique_t, tfeats = template_features(feats, protocol.templates, protocol.medias)
     scores = pair_scores(tfeats, unique_t, protocol.pair_t1, protocol.pair_t2)

@@ -36,7 +36,7 @@ from kpt.metrics import identification
 
 from ..data.folders import DISTRACTOR_LABEL, TinyFaceProtocol, _tinyface_label
 from ..data.recordio import decode_image
-from .features import extract_features
+from .features import extract_features, flip_detector
 
 __all__ = ["TinyFaceImages", "evaluate_tinyface", "find_tinyface_root", "mat_names",
            "tinyface_layout_problems", "tinyface_protocol"]
@@ -166,7 +166,8 @@ def evaluate_tinyface(embedder: Any, root: str | Path, *, size: int = 112, flip:
                       keypoints: torch.Tensor | None = None, keypoint_fn: Any = None,
                       cache_dir: str | Path | None = None, chunk_size: int = 8192,
                       batch_size: int = 64, workers: int = 0,
-                      ranks: tuple[int, ...] = (1, 5, 20)) -> dict[str, float]:
+                      ranks: tuple[int, ...] = (1, 5, 20), flip_keypoints: str = "detect"
+                      ) -> dict[str, float]:
     """Rank-k identification on TinyFace.
 
     Args:
@@ -175,6 +176,8 @@ def evaluate_tinyface(embedder: Any, root: str | Path, *, size: int = 112, flip:
         keypoints: (5, 2) keypoints given for every image (default: the ArcFace template / 112).
         keypoint_fn: a detector ``(B, 3, H, W) uint8 -> (B, 5, 2)`` replacing ``keypoints``.
         flip: flip fusion (sum of raw features before normalising).
+        flip_keypoints: with ``keypoint_fn``: ``detect`` (run it on the mirrored image too, as
+            CVLface's TinyFace evaluator) or ``mirror`` (mirror the detection, half the cost).
 
     Returns:
         ``{"rank1", "rank5", "rank20", "num_probes"}`` (ranks in percent).
@@ -188,9 +191,10 @@ def evaluate_tinyface(embedder: Any, root: str | Path, *, size: int = 112, flip:
     describe = {"set": "tinyface", "root": str(protocol.root), "size": int(size),
                 "keypoints": "detector" if keypoint_fn is not None else "fixed",
                 "lists": sorted(Path(m).name for m in mats)}
+    flip_fn = flip_detector(keypoint_fn, flip_keypoints, describe)
     raw = extract_features(embedder, dataset, cache_dir, flip=flip, chunk_size=chunk_size,
                            batch_size=batch_size, workers=workers, describe=describe,
-                           keypoint_fn=keypoint_fn)
+                           keypoint_fn=keypoint_fn, flip_keypoint_fn=flip_fn)
     feats = raw.sum(axis=1) if flip else raw[:, 0]
     n_probe = len(protocol.probe_paths)
     return identification(feats[:n_probe], protocol.probe_labels, feats[n_probe:],
