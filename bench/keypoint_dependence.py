@@ -270,7 +270,8 @@ def seed_summary(groups: dict[str, dict[int, dict]], versus: Sequence[tuple[str,
     """Markdown: per model, seed means (range) of accuracy with its true keypoints, the keypoint
     gain ``true − template`` (points) and the template drift on the keypoint-only sets; then, for
     every ``(model, baseline)`` in ``versus``, the margin paired by seed and the seed spread of
-    both, so a margin can be read against the noise."""
+    both, so a margin can be read against the noise. ``NAME@COLUMN`` in ``versus`` reads another
+    probe column than ``true`` (e.g. ``blind-model@template`` for a model trained without keypoints)."""
     import numpy as np
 
     head = ["model", "seeds", "aligned", "unaligned (RetinaFace kp)"]
@@ -295,7 +296,11 @@ def seed_summary(groups: dict[str, dict[int, dict]], versus: Sequence[tuple[str,
                   "| model | baseline | " + " | ".join(f"{n.removeprefix('unaligned_')}: margin "
                                                        "per seed / mean / spread" for n in sets)
                   + " |", "|---" * (len(sets) + 2) + "|"]
-        for model, base in versus:
+        for model_spec, base_spec in versus:
+            # NAME@COLUMN reads another probe column, e.g. a keypoint-blind model @template
+            model, _, model_col = model_spec.partition("@")
+            base, _, base_col = base_spec.partition("@")
+            model_col, base_col = model_col or "true", base_col or "true"
             missing = [m for m in (model, base) if m not in groups]
             if missing:
                 raise ValueError(f"--versus {model}:{base}: no results for {missing}; "
@@ -303,12 +308,14 @@ def seed_summary(groups: dict[str, dict[int, dict]], versus: Sequence[tuple[str,
             seeds = sorted(set(groups[model]) & set(groups[base]))
             cells = []
             for name in sets:
-                a = np.array([100 * groups[model][s]["probe"]["accuracy"][name]["true"] for s in seeds])
-                b = np.array([100 * groups[base][s]["probe"]["accuracy"][name]["true"] for s in seeds])
+                a = np.array([100 * groups[model][s]["probe"]["accuracy"][name][model_col]
+                              for s in seeds])
+                b = np.array([100 * groups[base][s]["probe"]["accuracy"][name][base_col]
+                              for s in seeds])
                 spread = max(np.ptp(a), np.ptp(b)) if len(seeds) > 1 else float("nan")
                 per_seed = ", ".join(f"{d:+.1f}" for d in a - b)
                 cells.append(f"{per_seed} / **{(a - b).mean():+.1f}** / {spread:.1f}")
-            lines.append(f"| `{model}` | `{base}` | " + " | ".join(cells) + " |")
+            lines.append(f"| `{model_spec}` | `{base_spec}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -320,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                              "outputs (one per seed) into seed means, written to "
                              "<out>/keypoint_dependence_seeds.md")
     parser.add_argument("--versus", nargs="+", default=[], metavar="MODEL:BASELINE",
-                        help="with --combine: margins of MODEL over BASELINE, paired by seed")
+                        help="with --combine: margins of MODEL over BASELINE, paired by seed "
+                             "(NAME@COLUMN: another probe column than true, e.g. @template)")
     parser.add_argument("--out", default="bench_out/keypoint_dependence")
     parser.add_argument("--pairs", type=int, default=400, help="pairs per set")
     parser.add_argument("--sets", nargs="+", default=list(SETS), help="synthetic splits to probe")

@@ -123,3 +123,16 @@ def test_negative_keypoint_jitter_is_refused():
 
     with pytest.raises(ValueError, match="keypoint_jitter"):
         FaceCollate(None, keypoint_jitter=-1.0)
+
+
+def test_keypoint_blind_gives_the_template_whatever_the_augmentation():
+    template = torch.as_tensor(ARCFACE_TEMPLATE_112 / 112, dtype=torch.float32)
+    items = [{"image": torch.full((3, 112, 112), 128, dtype=torch.uint8),
+              "keypoints": template + 0.05 * i, "label": torch.tensor(i)} for i in range(8)]
+    torch.manual_seed(0)
+    seeing = FaceCollate(FaceAugment(rot_prob=1.0))(items)
+    torch.manual_seed(0)
+    blind = FaceCollate(FaceAugment(rot_prob=1.0), keypoint_blind=True)(items)
+    torch.testing.assert_close(blind["image"], seeing["image"])  # the same augmented pixels
+    torch.testing.assert_close(blind["keypoints"], template.expand(8, 5, 2))
+    assert float((seeing["keypoints"] - template).abs().max()) > 0.05  # what blind hides

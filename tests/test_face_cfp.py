@@ -278,8 +278,9 @@ def test_plugin_evaluate_runs_cfp_fp_unaligned(cfp, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("flip_keypoints", ["detect", "mirror"])
 def test_flip_view_keypoints_are_detected_on_the_mirror_or_mirrored(cfp, flip_keypoints):
-    from kpt.data.keypoints import hflip_keypoints
     from kpt_plugins.face.data.augment import FLIP_PERMUTATION
+
+    from kpt.data.keypoints import hflip_keypoints
 
     seen_by_detector: list[torch.Tensor] = []
     base = stub_detector()

@@ -313,7 +313,8 @@ def test_unaligned_retinaface_detects_on_the_mirror_and_keeps_caches_apart(ijb, 
         return torch.as_tensor(ARCFACE_TEMPLATE_112 / 112, dtype=torch.float32).expand(
             len(images), -1, -1).clone()
 
-    common = dict(aligned=False, batch_size=len(LAYOUT), keypoints="retinaface", detector=detector)
+    common = {"aligned": False, "batch_size": len(LAYOUT), "keypoints": "retinaface",
+              "detector": detector}
     evaluate_ijb(Stub(fixture["table"]), root, "ijbc", flip_keypoints="mirror", **common)
     assert len(calls) == 1
     calls.clear()

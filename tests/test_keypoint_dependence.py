@@ -238,6 +238,9 @@ def test_combine_pools_seeds_and_pairs_margins(tmp_path):
     assert "85.0 (80.0 to 90.0)" in row and "+15.0 (+10.0 to +20.0)" in row
     # margins per seed +5 and +10, mean +7.5; spread = kprpe's 10-point range
     assert "+5.0, +10.0 / **+7.5** / 10.0" in text
+    # another probe column: kprpe with template keypoints against rpe (-5, -10)
+    text = probe.seed_summary(groups, [("kprpe-wide@template", "rpe-wide")])
+    assert "| `kprpe-wide@template` | `rpe-wide` | -5.0, -10.0 / **-7.5** / 5.0" in text
     assert probe.main(["--combine", *map(str, dirs), "--out", str(tmp_path / "o"),
                        "--versus", "kprpe-wide:rpe-wide"]) == 0
     assert "**+7.5**" in (tmp_path / "o" / "keypoint_dependence_seeds.md").read_text()

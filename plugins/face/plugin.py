@@ -333,7 +333,7 @@ def build_data(cfg: Config) -> TaskData:
         raise ConfigError(f"data.keypoint_jitter={cfg.data.keypoint_jitter}: expected >= 0 (pixels)")
     return TaskData(train=dataset, evals=evals, info=info, batch_sampler=sampler,
                     collate_fn=FaceCollate(_augment(cfg), _appearance(cfg),
-                                           cfg.data.keypoint_jitter))
+                                           cfg.data.keypoint_jitter, cfg.data.keypoint_blind))
 
 
 # ------------------------------------------------------------------------------------------ eval

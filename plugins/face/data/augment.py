@@ -45,6 +45,8 @@ from torch.utils.data._utils.collate import default_collate
 from kpt.data.samplers import ShardedBatchSampler
 from kpt.errors import UserError
 
+from ..align import ARCFACE_TEMPLATE_112
+
 __all__ = [
     "FLIP_PERMUTATION",
     "PHOTOMETRIC_OPS",
@@ -184,15 +186,22 @@ class FaceCollate:
     augmentation every keypoint moves by its own uniform offset in ±``keypoint_jitter`` px in x
     and y while the image stays, as a landmark detector's error would move it (issue 24 measures
     whether this changes how much KP-RPE relies on its keypoints).
+
+    ``keypoint_blind`` (training only, kpt's own): the model is given the ArcFace template as the
+    keypoints of every training image, whatever the image and its augmentation: the keypoint-blind
+    control of docs/face.md (same architecture, no keypoint information; evaluate it with template
+    keypoints).
     """
 
     def __init__(self, augment: FaceAugment | None = None,
-                 appearance: AppearanceAugment | None = None, keypoint_jitter: float = 0.0) -> None:
+                 appearance: AppearanceAugment | None = None, keypoint_jitter: float = 0.0,
+                 keypoint_blind: bool = False) -> None:
         if not keypoint_jitter >= 0:
             raise ValueError(f"data.keypoint_jitter={keypoint_jitter}: expected >= 0 (pixels)")
         self.augment = augment
         self.appearance = appearance
         self.keypoint_jitter = float(keypoint_jitter)
+        self.keypoint_blind = bool(keypoint_blind)
 
     def __call__(self, items: Sequence[dict]) -> dict[str, Tensor]:
         batch = default_collate(list(items))
@@ -203,6 +212,9 @@ class FaceCollate:
                 images = self.appearance(images.round().clamp(0, 255).to(torch.uint8))
             if self.keypoint_jitter > 0:
                 keypoints = jitter_keypoints(keypoints, self.keypoint_jitter, images.shape[-2:])
+            if self.keypoint_blind:
+                template = torch.as_tensor(ARCFACE_TEMPLATE_112 / 112.0, dtype=keypoints.dtype)
+                keypoints = template.expand_as(keypoints).clone()
         batch["image"] = normalize_images(images)
         batch["keypoints"] = keypoints
         return batch
