@@ -370,3 +370,19 @@ def test_bin_keypoints_as_cvlface_evaluation(tmp_path, monkeypatch):
     calls.clear()
     ver.embed(Probe(), kpt_way.images, kpt_way.keypoints)
     torch.testing.assert_close(calls[1], hflip_keypoints(kpt_way.keypoints, (1, 0, 2, 4, 3)))
+
+
+def test_follow_keypoints_preset_is_the_measured_recipe():
+    """docs/face.md measures the keypoint-following recipe with these explicit keys; the preset
+    must stay exactly them (a user value still wins)."""
+    from kpt.config import build_config
+    from kpt.plugin import load_plugin
+
+    plugin = load_plugin("face")
+    cfg = build_config(plugin, overrides=["preset=follow_keypoints"])
+    assert cfg.model.args["kprpe_hidden"] == 64
+    assert (cfg.data.rot_prob, cfg.data.max_rot, cfg.data.scale_min, cfg.data.scale_max) == (
+        1.0, 50.0, 0.65, 1.5)
+    assert list(cfg.preset) == ["follow_keypoints"]
+    mine = build_config(plugin, overrides=["preset=follow_keypoints", "data.max_rot=30"])
+    assert mine.data.max_rot == 30.0 and mine.data.rot_prob == 1.0
