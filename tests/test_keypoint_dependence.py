@@ -248,3 +248,17 @@ def test_combine_pools_seeds_and_pairs_margins(tmp_path):
         probe.collect([dirs[0], dirs[0]])
     with pytest.raises(ValueError, match="no results for"):
         probe.seed_summary(groups, [("kprpe-wide", "abs")])
+
+
+def test_kprpe_hidden_without_kprpe_is_reported(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="kpt.models.vit"):
+        kpt.create_model("vit", img_size=112, patch_size=28, embed_dim=16, depth=1, num_heads=2,
+                         num_classes=8, pos="abs", kprpe_hidden=64)
+    assert "kprpe_hidden=64 has no effect with pos='abs'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kpt.models.vit"):
+        kpt.create_model("vit", img_size=112, patch_size=28, embed_dim=16, depth=1, num_heads=2,
+                         num_classes=8, pos="kprpe", kprpe_hidden=64)
+    assert "no effect" not in caplog.text

@@ -158,6 +158,10 @@ class VisionTransformer(nn.Module):
         if head == "flatten_bn" and class_token:
             raise ValueError("vit: head='flatten_bn' flattens patch tokens; use class_token=False.")
         self.absolute, self.relative = parse_pos(pos)
+        if kprpe_hidden and self.relative != "kprpe":
+            # e.g. --preset follow_keypoints with model.pos=abs: the encoder has nothing to feed
+            logger.warning("vit: kprpe_hidden=%s has no effect with pos=%r (no KP-RPE)",
+                           kprpe_hidden, pos)
         if self.relative == "irpe" and class_token:
             raise ValueError(
                 "vit: pos with 'irpe' is implemented for patch tokens only (no class token)."
