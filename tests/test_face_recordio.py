@@ -183,13 +183,9 @@ def test_dataloader_workers_read_the_rec(tmp_path):
 
 
 def test_face_io_bench_runs(capsys):
-    import importlib.util
-    from pathlib import Path
+    from bench_scripts import load_bench
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "face_io.py"
-    spec = importlib.util.spec_from_file_location("face_io_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("face_io")
     result = bench.main(["--images", "40", "--rounds", "1", "--json"])
     assert result["images"] == 40
     assert result["recordio img/s"] > 0 and result["imdecode img/s"] > 0

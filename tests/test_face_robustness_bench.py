@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 
 
 def _load_bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "face_robustness.py"
-    spec = importlib.util.spec_from_file_location("face_robustness_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_bench("face_robustness")
 
 
 def test_eval_only_reproduces_the_training_run_and_adds_the_keypoint_controls(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bench_scripts import load_bench
 from kpt_plugins.face.plugin import PLUGIN
 from kpt_plugins.face.synthetic.params import SPLITS, image_params
 from kpt_plugins.face.synthetic.render import render_faces
@@ -20,11 +20,7 @@ CENTRED = ("unaligned_centred_rotate", "unaligned_centred_scale", "unaligned_cen
 
 
 def _load_probe():
-    path = Path(__file__).resolve().parents[1] / "bench" / "keypoint_dependence.py"
-    spec = importlib.util.spec_from_file_location("keypoint_dependence_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("keypoint_dependence")
 
 
 def _tiny_backbone(pos: str) -> torch.nn.Module:
@@ -184,10 +180,7 @@ def test_other_splits_are_unchanged_by_the_new_ones():
 @pytest.mark.slow  # trains for one step and runs RetinaFace: ~10 s on a shared CPU
 def test_the_robustness_bench_reports_the_probe(tmp_path):
     pytest.importorskip("matplotlib")
-    path = Path(__file__).resolve().parents[1] / "bench" / "face_robustness.py"
-    spec = importlib.util.spec_from_file_location("face_robustness_bench_probe", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("face_robustness")
     out = tmp_path / "out"
     assert bench.main(["--variants", "abs", "--steps", "1", "--batch-size", "8", "--identities",
                        "4", "--images-per-identity", "2", "--pairs", "10", "--probe",
